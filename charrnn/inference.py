@@ -1,0 +1,166 @@
+"""A trained run loaded for use: sampling and evaluation (``charrnn.load``)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from charrnn import checkpoint as ckpt
+from charrnn import data as data_mod
+from charrnn import runs
+from charrnn import sample as sampler
+from charrnn.config import RunConfig, SampleConfig
+from charrnn.errors import CharrnnError, CheckpointError
+from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn
+from charrnn.model import abstract_model, count_params, split_model
+from charrnn.vocab import END, Vocab, describe_chars
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated text (prime included); ``ended`` is True when it stopped at the end token."""
+
+    text: str
+    ended: bool
+
+
+class Run:
+    """A run directory's model at one checkpoint.
+
+    Attributes:
+        config: the run's ``RunConfig``.
+        vocab: its ``Vocab``.
+        checkpoint: the checkpoint directory the parameters came from.
+        meta: that checkpoint's metadata (step, losses, data position).
+    """
+
+    def __init__(self, run_dir: Path, config: RunConfig, vocab: Vocab, checkpoint: Path, params, meta: dict):
+        self.run_dir = run_dir
+        self.config = config
+        self.vocab = vocab
+        self.checkpoint = checkpoint
+        self.meta = meta
+        self.params = params
+        self.model = abstract_model(config.model, vocab.size)
+        self.graphdef, _ = nnx.split(self.model)
+        self._dtype = compute_dtype("float32")
+        self._sampler = None
+        self._eval_fn = None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.params)
+
+    def _step_fn(self):
+        graphdef, params, dtype = self.graphdef, self.params, self._dtype
+
+        def step_fn(carry, token_B):
+            return nnx.merge(graphdef, params).step(carry, token_B, dtype)
+
+        return step_fn
+
+    def check_prime(self, prime: str) -> np.ndarray:
+        """Ids of the prime text; ``CharrnnError`` naming any character the model never saw."""
+        missing = self.vocab.unknown(prime)
+        if missing:
+            raise CharrnnError(f"--prime has {len(missing)} character(s) not in the vocabulary: "
+                               f"{describe_chars(missing)}")
+        return self.vocab.encode(prime)
+
+    def stream(self, config: SampleConfig = SampleConfig()) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Generate ``config.num_samples`` samples at once, chunk by chunk.
+
+        Yields ``(pieces, ended_N)``: each sample's new text in this chunk (the first chunk is
+        the prime text itself) and which samples have reached the end token so far. A sample
+        stops at the end token or after ``config.length`` generated characters.
+        """
+        prime_ids = self.check_prime(config.prime)
+        if self._sampler is None:
+            self._sampler = sampler.make_sampler(self._step_fn())
+        prime, generate = self._sampler
+        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+        controls = sampler.make_controls(self.vocab.size, config.temperature, config.top_k, config.top_p,
+                                         config.greedy)
+        prompt = sampler.prompt_tokens(prime_ids, config.num_samples)
+        carry = self.model.initial_carry(config.num_samples)
+        ended = np.zeros(config.num_samples, bool)
+        yield [config.prime] * config.num_samples, ended.copy()
+        for toks in sampler.generate_stream(prime, generate, carry, prompt, jax.random.PRNGKey(seed),
+                                            controls, config.length):
+            pieces = []
+            for i, row in enumerate(toks):
+                if ended[i]:
+                    pieces.append("")
+                    continue
+                stop = np.flatnonzero(row == END)
+                if stop.size:
+                    ended[i] = True
+                    row = row[:stop[0]]
+                pieces.append(self.vocab.decode(row))
+            yield pieces, ended.copy()
+
+    def sample(self, config: Optional[SampleConfig] = None, **overrides) -> list[Sample]:
+        """Generate samples; ``overrides`` are ``SampleConfig`` fields (``length=200, prime="A"``)."""
+        config = config or SampleConfig(**overrides)
+        texts = ["" for _ in range(config.num_samples)]
+        ended = np.zeros(config.num_samples, bool)
+        for pieces, ended in self.stream(config):
+            texts = [t + p for t, p in zip(texts, pieces)]
+        return [Sample(t, bool(e)) for t, e in zip(texts, ended)]
+
+    def evaluate(self, text: str) -> dict:
+        """Loss of the model on ``text``, split into documents as the run was trained.
+
+        Returns:
+            ``{"nats": ..., "bits": ..., "perplexity": ..., "chars": scored characters}``.
+        """
+        docs = data_mod.split_documents(text, self.config.data.docs)
+        if not docs:
+            raise CharrnnError("the text to evaluate is empty")
+        missing = self.vocab.unknown("".join(docs))
+        if missing:
+            raise CharrnnError(f"the text has {len(missing)} character(s) not in the vocabulary: "
+                               f"{describe_chars(missing)}")
+        stream = data_mod.encode_documents(docs, self.vocab)
+        if self._eval_fn is None:
+            self._eval_fn = make_eval_fn(self.graphdef)
+        cfg = self.config.train
+        out = evaluate_stream(self.graphdef, self.params, self.model.initial_carry, stream,
+                              num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=self._eval_fn)
+        out["perplexity"] = math.exp(out["nats"]) if out["chars"] else float("nan")
+        return out
+
+
+def load(run, checkpoint: str = "best") -> Run:
+    """Load a run directory (or one checkpoint directory inside it) for sampling and evaluation.
+
+    Args:
+        run: the run directory written by ``charrnn train``.
+        checkpoint: ``best`` (lowest validation loss; ``latest`` when there is none) or ``latest``.
+
+    Raises:
+        CheckpointError: when anything in the run is missing, altered or inconsistent.
+    """
+    if checkpoint not in ckpt.POINTERS:
+        raise CharrnnError(f"--checkpoint must be best or latest, not {checkpoint!r}")
+    path = Path(run)
+    ck_dir = ckpt.resolve(path, checkpoint)
+    run_dir = ck_dir.parent
+    config, vocab = runs.read_run_files(run_dir)
+    _, params_template = split_model(abstract_model(config.model, vocab.size))
+    expected = runs.expected_shapes({"params": params_template})
+    tensors, meta = ckpt.read_checkpoint(ck_dir, expected, partial=True)
+    params = jax.tree_util.tree_map(jnp.asarray, runs.unflatten(params_template, "params", tensors))
+    return Run(run_dir, config, vocab, ck_dir, params, meta)

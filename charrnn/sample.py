@@ -1,0 +1,119 @@
+"""On-device sampling: prime by scanning the prompt, then a scanned loop feeding each output back.
+
+Everything here takes a ``step_fn(carry, token_B) -> (carry, logits_BxV)`` callback, so tests
+can drive the sampler with fake logits and check exact tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from charrnn.vocab import END, START
+
+StepFn = Callable  # (carry, token_B) -> (carry, logits_BxV)
+CHUNK = 128  # characters generated per device dispatch; the CLI prints after each chunk
+
+
+class Controls(NamedTuple):
+    """Traced sampling controls (device scalars, so changing them does not recompile)."""
+
+    temperature: jax.Array  # float32 > 0
+    top_k: jax.Array  # int32 in [1, V]
+    top_p: jax.Array  # float32 in (0, 1]
+    greedy: jax.Array  # bool
+
+
+def make_controls(vocab_size: int, temperature: float = 1.0, top_k=None, top_p=None, greedy=False) -> Controls:
+    return Controls(temperature=jnp.float32(temperature),
+                    top_k=jnp.int32(min(top_k or vocab_size, vocab_size)),
+                    top_p=jnp.float32(1.0 if top_p is None else top_p),
+                    greedy=jnp.bool_(greedy))
+
+
+def filter_logits(logits_BxV, controls: Controls):
+    """Temperature, then top-k, then top-p (nucleus) filtering; removed entries become -inf.
+
+    The start token is never a valid output. Ties at a threshold are all kept.
+    """
+    logits_BxV = logits_BxV.at[:, START].set(-jnp.inf) / controls.temperature
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, controls.top_k - 1, 1, axis=-1)
+    sorted_BxV = jnp.where(sorted_BxV < kth_Bx1, -jnp.inf, sorted_BxV)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the smallest prefix of the sorted distribution whose mass reaches top_p.
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = (mass_before_BxV < controls.top_p) | (controls.top_p >= 1.0)
+    cut_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BxV < jnp.maximum(cut_Bx1, kth_Bx1), -jnp.inf, logits_BxV)
+
+
+def choose(logits_BxV, key, controls: Controls):
+    """The next token of every row: argmax when greedy, else a draw from the filtered softmax."""
+    filtered = filter_logits(logits_BxV, controls)
+    drawn = jax.random.categorical(key, filtered, axis=-1)
+    best = jnp.argmax(filtered, axis=-1)
+    return jnp.where(controls.greedy, best, drawn).astype(jnp.int32)
+
+
+class SamplerState(NamedTuple):
+    carry: tuple
+    logits_BxV: jax.Array
+    key: jax.Array
+    done_B: jax.Array
+
+
+def make_sampler(step_fn: StepFn, chunk: int = CHUNK):
+    """Build the jitted pair ``(prime, generate)``.
+
+    ``prime(carry, prompt_BxP, key) -> SamplerState`` feeds the prompt (start token first);
+    ``generate(state, controls) -> (state, tokens_BxC)`` draws ``chunk`` tokens, feeding each
+    back; a row that has drawn the end token emits only end tokens afterwards.
+    """
+
+    @jax.jit
+    def prime(carry, prompt_BxP, key):
+        def body(c, tok_B):
+            c, logits = step_fn(c, tok_B)
+            return c, logits
+
+        carry, logits_PxBxV = jax.lax.scan(body, carry, prompt_BxP.T)
+        done = jnp.zeros(prompt_BxP.shape[0], bool)
+        return SamplerState(carry, logits_PxBxV[-1], key, done)
+
+    @jax.jit
+    def generate(state: SamplerState, controls: Controls):
+        def body(s: SamplerState, _):
+            key, sub = jax.random.split(s.key)
+            tok = choose(s.logits_BxV, sub, controls)
+            tok = jnp.where(s.done_B, END, tok)
+            carry, logits = step_fn(s.carry, tok)
+            return SamplerState(carry, logits, key, s.done_B | (tok == END)), tok
+
+        state, toks_CxB = jax.lax.scan(body, state, None, length=chunk)
+        return state, toks_CxB.T
+
+    return prime, generate
+
+
+def generate_stream(prime, generate, carry, prompt_BxP: np.ndarray, key, controls: Controls, length: int
+                    ) -> Iterator[np.ndarray]:
+    """Yield new tokens ``(B, n)`` chunk by chunk until ``length`` or every row has ended."""
+    state = prime(carry, jnp.asarray(prompt_BxP), key)
+    made = 0
+    while made < length:
+        state, toks = generate(state, controls)
+        toks = np.asarray(toks)[:, :length - made]
+        made += toks.shape[1]
+        yield toks
+        if bool(np.all(toks == END)) or bool(jax.device_get(state.done_B).all()):
+            break
+
+
+def prompt_tokens(prime_ids: np.ndarray, num_samples: int) -> np.ndarray:
+    """The prompt every sample starts from: the start token then the prime text, ``(N, 1 + P)``."""
+    row = np.concatenate([[START], np.asarray(prime_ids, dtype=np.int32)]).astype(np.int32)
+    return np.tile(row, (num_samples, 1))

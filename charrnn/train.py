@@ -1,0 +1,392 @@
+"""Truncated-BPTT training: optimizer, the jitted train step, evaluation, and the training loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from charrnn import checkpoint as ckpt
+from charrnn import data as data_mod
+from charrnn import runs
+from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig
+from charrnn.errors import CharrnnError
+from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn, weighted_nll
+from charrnn.model import CharRNN, build_model, split_model
+from charrnn.vocab import START, Vocab
+
+log = logging.getLogger(__name__)
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes (a pytree; donated to the step)."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32: optimizer steps taken
+    rng: jax.Array  # uint32[2]: base key; dropout at step s uses fold_in(rng, s)
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: Optional[int]) -> optax.Schedule:
+    """The learning rate at each step: linear warm-up, then constant, cosine or exponential decay.
+
+    Cosine decays to a tenth of ``lr`` at ``total_steps``; exponential multiplies by 0.1 over
+    the same span. Both need a known length (``--max-steps`` or ``--epochs``).
+    """
+    warm = cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    else:
+        if total_steps is None:
+            raise CharrnnError(f"--lr-schedule {cfg.lr_schedule} needs a known length: "
+                               f"pass --max-steps or --epochs")
+        span = max(1, total_steps - warm)
+        if cfg.lr_schedule == "cosine":
+            main = optax.cosine_decay_schedule(cfg.lr, span, alpha=0.1)
+        else:
+            main = optax.exponential_decay(cfg.lr, span, decay_rate=0.1)
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(cfg.lr / warm, cfg.lr, warm), main], [warm])
+
+
+def make_optimizer(cfg: TrainConfig, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """Gradient clipping by global norm (``grad_clip`` > 0) followed by the chosen optimizer."""
+    if cfg.optimizer == "adam":
+        opt = optax.adam(lr)
+    elif cfg.optimizer == "adamw":
+        opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "rmsprop":
+        opt = optax.rmsprop(lr, decay=0.95)  # char-rnn's decay rate
+    else:
+        opt = optax.sgd(lr, momentum=0.9)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+    return opt
+
+
+def init_state(model: CharRNN, optimizer: optax.GradientTransformation, seed: int):
+    """``(graphdef, state)`` for a fresh run: parameters from the model, optimizer state, step 0."""
+    graphdef, params = split_model(model)
+    state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+                       rng=run_keys(seed)["dropout"])
+    return graphdef, state
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """The run's named PRNG keys, all split once from ``seed``."""
+    init, dropout, sample = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {"init": init, "dropout": dropout, "sample": sample}
+
+
+def _reset_where(carry, reset):
+    return jax.tree_util.tree_map(lambda c: jnp.where(reset, jnp.zeros_like(c), c), carry)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
+                    *, unroll: int = 1, jit: bool = True):
+    """Build ``train_step(state, carry, batch) -> (state, carry, metrics)``.
+
+    ``batch`` is ``(x_BxT, y_BxT, reset)``; ``reset`` zeroes the carried state first (epoch
+    start). The loss is the mean cross-entropy in nats over the targets that are characters or
+    the end token (a start token always follows an end token, so it is not scored). A step whose
+    loss or gradient is not finite changes nothing but the bad-step counter, and resets the carry.
+    """
+    dtype = compute_dtype(cfg.dtype)
+    def loss_fn(params, carry, x_BxT, y_BxT, key):
+        model = nnx.merge(graphdef, params)
+        carry, logits_BxTxV = model(carry, x_BxT, dropout_key=key, dtype=dtype, unroll=unroll)
+        total, count = weighted_nll(logits_BxTxV, y_BxT, (y_BxT != START).astype(jnp.float32))
+        return total / jnp.maximum(count, 1.0), carry
+
+    def train_step(state: TrainState, carry, batch):
+        x_BxT, y_BxT, reset = batch
+        carry = _reset_where(carry, reset)
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, carry, x_BxT, y_BxT, key)
+        new_carry = jax.lax.stop_gradient(new_carry)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        state = TrainState(
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1,
+            rng=state.rng,
+        )
+        new_carry = _reset_where(new_carry, ~ok)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
+        return state, new_carry, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1)) if jit else train_step
+
+
+# --- the training loop -------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What a finished ``train`` call reports.
+
+    ``stop_reason`` is one of ``steps``, ``epochs``, ``minutes``, ``patience`` or the name of
+    the signal that interrupted training (``SIGINT``, ``SIGTERM``).
+    """
+
+    run_dir: Path
+    step: int
+    stop_reason: str
+    last_val: Optional[dict]
+    best_val: Optional[float]
+    train_loss: Optional[float]
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> Optional[int]:
+    """The step count at which training ends, or None when only ``--minutes`` bounds it."""
+    limits = []
+    if cfg.max_steps is not None:
+        limits.append(cfg.max_steps)
+    epochs = cfg.epochs
+    if cfg.max_steps is None and cfg.epochs is None and cfg.minutes is None:
+        epochs = DEFAULT_EPOCHS
+    if epochs is not None:
+        limits.append(max(1, int(round(epochs * steps_per_epoch))))
+    return min(limits) if limits else None
+
+
+def _prepare_corpus(corpus, config: RunConfig):
+    corp = corpus if isinstance(corpus, data_mod.Corpus) else data_mod.load_corpus(str(corpus), config.data.encoding)
+    documents = data_mod.corpus_documents(corp, config.data.docs)
+    if not documents or not any(documents):
+        raise CharrnnError(f"corpus {corp.name} is empty: it has no {'text' if config.data.docs == 'file' else 'non-empty ' + config.data.docs + 's'}")
+    return corp, documents
+
+
+def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None, *, resume: bool = False,
+          on_event: Optional[Callable[[dict], None]] = None,
+          should_stop: Optional[Callable[[], Optional[str]]] = None) -> TrainResult:
+    """Train a model on ``corpus`` and write the run directory.
+
+    Args:
+        corpus: a path, a corpus name (see ``charrnn.data.load_corpus``) or a loaded ``Corpus``.
+        config: the run's configuration; with ``resume`` and None, the run's saved one.
+        out: the run directory (default ``checkpoints/<corpus name>``).
+        resume: continue the run in ``out`` from its latest checkpoint, exactly as if it had
+            not stopped. Model, data and batch layout settings must match the run's.
+        on_event: called with progress events (dicts with an ``"event"`` key: ``start``,
+            ``step``, ``log``, ``eval``, ``save``, ``end``); the CLI draws its progress bar from
+            them. The library never prints.
+        should_stop: polled once per step; a non-None return (a reason such as ``"SIGINT"``)
+            ends training after the current step with a checkpoint.
+
+    Returns:
+        A ``TrainResult``.
+
+    Raises:
+        CharrnnError: for unusable input or settings, with a message for the user.
+    """
+    emit = on_event or (lambda e: None)
+    should_stop = should_stop or (lambda: None)
+    if config is None and not resume:
+        config = RunConfig()
+    corpus_label = corpus.name if isinstance(corpus, data_mod.Corpus) else str(corpus)
+
+    # --- run directory and configuration -------------------------------------------------
+    if resume:
+        if out is None:
+            raise CharrnnError("--resume needs --out RUN_DIR naming the run to continue")
+        run_dir = Path(out)
+        saved, vocab = runs.read_run_files(run_dir)
+        config = config or saved
+        diffs = runs.config_differences(saved, config)
+        if diffs:
+            raise CharrnnError(f"cannot resume {run_dir}: settings differ from the run's: " + "; ".join(diffs))
+        corp, documents = _prepare_corpus(corpus, config)
+        missing = runs.vocab_difference(vocab, Vocab.from_texts(documents).chars)
+        if missing:
+            raise CharrnnError(f"cannot resume {run_dir} on {corp.name}: {missing}")
+    else:
+        corp, documents = _prepare_corpus(corpus, config)
+        run_dir = Path(out) if out is not None else Path("checkpoints") / corp.name
+        if run_dir.exists() and (ckpt.list_checkpoints(run_dir) or (run_dir / runs.CONFIG_FILE).exists()):
+            raise CharrnnError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                               f"or choose another --out")
+        vocab = Vocab.from_texts(documents)
+    config = replace(config, corpus=config.corpus or corpus_label)
+    cfg = config.train
+
+    stream = data_mod.encode_documents(documents, vocab)
+    train_stream, val_stream = data_mod.split_train_val(stream, config.data.val_frac)
+    batches = data_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
+    end_step = total_steps(cfg, batches.steps_per_epoch)
+    schedule = lr_schedule(cfg, end_step)
+    optimizer = make_optimizer(cfg, schedule)
+    keys = run_keys(cfg.seed)
+    model = build_model(config.model, vocab.size, keys["init"])
+    graphdef, state = init_state(model, optimizer, cfg.seed)
+    carry = model.initial_carry(cfg.batch_size)
+    fingerprint = runs.stream_fingerprint(stream)
+
+    progress = {"best_val": None, "best_step": None, "evals_since_best": 0, "last_val": None,
+                "bad_in_a_row": 0, "bad_total": 0}
+    if resume:
+        ckpt.clean_temporaries(run_dir)
+        state, carry, meta = load_train_state(run_dir, state, carry)
+        for k in progress:
+            progress[k] = meta.get(k, progress[k])
+        if meta.get("corpus_sha256") != fingerprint:
+            log.warning("the corpus differs from the one this run was trained on; continuing anyway")
+        runs.truncate_metrics(run_dir, int(meta["step"]))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_temporaries(run_dir)
+    runs.write_run_files(run_dir, config, vocab)
+
+    step_fn = make_train_step(graphdef, optimizer, cfg)
+    eval_fn = make_eval_fn(graphdef, cfg.dtype)
+    step = int(state.step)
+    have_val = len(val_stream) >= 2
+    emit({"event": "start", "run_dir": str(run_dir), "step": step, "total_steps": end_step,
+          "steps_per_epoch": batches.steps_per_epoch, "chars_per_step": batches.chars_per_step,
+          "train_chars": len(train_stream), "val_chars": len(val_stream), "vocab_size": vocab.size,
+          "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))})
+
+    def evaluate() -> dict:
+        val = evaluate_stream(graphdef, state.params, model.initial_carry, val_stream,
+                              num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=eval_fn)
+        improved = progress["best_val"] is None or val["nats"] < progress["best_val"]
+        if improved:
+            progress.update(best_val=val["nats"], best_step=step, evals_since_best=0)
+        else:
+            progress["evals_since_best"] += 1
+        progress["last_val"] = val
+        record = {"event": "eval", "step": step, "chars": step * batches.chars_per_step,
+                  "val_loss": val["nats"], "val_bits": val["bits"], "best": improved,
+                  "elapsed_s": round(time.monotonic() - t_start, 3)}
+        runs.append_metrics(run_dir, record)
+        emit(record)
+        return record
+
+    def save(best: bool) -> None:
+        epoch, window = batches.position(step)
+        meta = {"step": step, "epoch": epoch, "window": window, "chars_seen": step * batches.chars_per_step,
+                "corpus_sha256": fingerprint, **progress}
+        path = save_train_state(run_dir, state, carry, meta)
+        ckpt.set_pointer(run_dir, "latest", path.name)
+        if best:
+            ckpt.set_pointer(run_dir, "best", path.name)
+        ckpt.prune(run_dir, cfg.keep)
+        emit({"event": "save", "step": step, "path": str(path), "best": best})
+
+    t_start = time.monotonic()
+    deadline = t_start + cfg.minutes * 60 if cfg.minutes else None
+    pending = None  # the previous step's metrics, read one step late so the host never waits
+    log_losses: list[float] = []
+    t_log, step_log = time.monotonic(), step
+    reason = None
+    last_loss = None
+    evaluated_at = saved_at = None
+
+    def absorb(s: int, metrics) -> None:
+        nonlocal last_loss, t_log, step_log
+        m = jax.device_get(metrics)
+        if not m["ok"]:
+            progress["bad_in_a_row"] += 1
+            progress["bad_total"] += 1
+            emit({"event": "bad_step", "step": s, "in_a_row": progress["bad_in_a_row"]})
+            if progress["bad_in_a_row"] >= cfg.max_bad_steps:
+                raise CharrnnError(
+                    f"training stopped at step {s}: {progress['bad_in_a_row']} steps in a row had a non-finite "
+                    f"loss or gradient; the last good checkpoint in {run_dir} is kept "
+                    f"(try a lower --lr or --grad-clip)")
+            return
+        progress["bad_in_a_row"] = 0
+        last_loss = float(m["loss"])
+        log_losses.append(last_loss)
+        emit({"event": "step", "step": s, "loss": last_loss})
+        if s % cfg.log_every == 0:
+            now = time.monotonic()
+            loss = float(np.mean(log_losses))
+            record = {"event": "train", "step": s, "chars": s * batches.chars_per_step, "loss": loss,
+                      "bits": loss / math.log(2), "lr": float(schedule(s)),
+                      "chars_per_s": round((s - step_log) * batches.chars_per_step / max(now - t_log, 1e-9), 1),
+                      "elapsed_s": round(now - t_start, 3)}
+            runs.append_metrics(run_dir, record)
+            emit(record)
+            log_losses.clear()
+            t_log, step_log = now, s
+
+    while True:
+        if end_step is not None and step >= end_step:
+            reason = "steps" if cfg.max_steps is not None and step >= cfg.max_steps else "epochs"
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            reason = "minutes"
+            break
+        reason = should_stop()
+        if reason:
+            break
+        x_BxT, y_BxT = batches.batch(step)
+        reset = np.bool_(batches.starts_epoch(step))
+        state, carry, metrics = step_fn(state, carry, (x_BxT, y_BxT, reset))
+        step += 1
+        if pending is not None:
+            absorb(*pending)
+        pending = (step, metrics)
+        if step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0:
+            absorb(*pending)
+            pending = None
+            best = False
+            if have_val and step % cfg.eval_every == 0:
+                best = evaluate()["best"]
+                evaluated_at = step
+            if step % cfg.checkpoint_every == 0 or best:
+                save(best)
+                saved_at = step
+            if cfg.patience and progress["evals_since_best"] >= cfg.patience:
+                reason = "patience"
+                break
+    if pending is not None:
+        absorb(*pending)
+    interrupted = reason not in ("steps", "epochs", "minutes", "patience")
+    best = False
+    if have_val and evaluated_at != step and not interrupted:
+        best = evaluate()["best"]
+    if saved_at != step or best:
+        save(best or not have_val)
+    result = TrainResult(run_dir=run_dir, step=step, stop_reason=reason, last_val=progress["last_val"],
+                         best_val=progress["best_val"], train_loss=last_loss)
+    emit({"event": "end", "step": step, "reason": reason, "best_val": progress["best_val"]})
+    return result
+
+
+def save_train_state(run_dir: Path, state: TrainState, carry, meta: dict) -> Path:
+    """Commit ``state`` and ``carry`` as checkpoint ``ckpt-<step>`` in ``run_dir``."""
+    tensors = runs.to_host({"params": state.params, "opt": state.opt_state, "carry": carry,
+                            "step": state.step, "rng": state.rng})
+    return ckpt.write_checkpoint(run_dir, int(meta["step"]), tensors, meta)
+
+
+def load_train_state(run_dir: Path, template: TrainState, carry_template, which: str = "latest"):
+    """Restore ``(state, carry, meta)`` from a run's checkpoint, validated against the templates."""
+    parts = {"params": template.params, "opt": template.opt_state, "carry": carry_template,
+             "step": template.step, "rng": template.rng}
+    path = ckpt.resolve(run_dir, which)
+    tensors, meta = ckpt.read_checkpoint(path, runs.expected_shapes(parts))
+    restored = {k: runs.unflatten(v, k, tensors) for k, v in parts.items()}
+    if not isinstance(meta.get("step"), int) or meta["step"] != int(restored["step"]):
+        raise ckpt.CheckpointError(f"{path / ckpt.META_FILE}: field 'step' does not match the saved state")
+    as_jax = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
+    state = TrainState(params=as_jax(restored["params"]), opt_state=as_jax(restored["opt"]),
+                       step=jnp.asarray(restored["step"]), rng=jnp.asarray(restored["rng"]))
+    return state, as_jax(restored["carry"]), meta
