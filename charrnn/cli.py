@@ -300,7 +300,6 @@ def sample(run: str, length: int, temperature: float, top_k, top_p, greedy: bool
 
     model = load(Path(run), checkpoint)
     model.check_prime(prime)
-    out = click.get_text_stream("stdout")
     if as_json or num_samples > 1:
         for i, s in enumerate(model.sample(config)):
             if as_json:
@@ -309,9 +308,8 @@ def sample(run: str, length: int, temperature: float, top_k, top_p, greedy: bool
                 click.echo(f"--- sample {i + 1} ---\n{s.text}")
         return
     for pieces, _ in model.stream(config):
-        out.write(pieces[0])
-        out.flush()
-    out.write("\n")
+        click.echo(pieces[0], nl=False)  # echo flushes: text appears as it is generated
+    click.echo()
 
 
 @cli.command(name="eval")

@@ -115,7 +115,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
         (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, carry, x_BxT, y_BxT, key)
         new_carry = jax.lax.stop_gradient(new_carry)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
