@@ -290,8 +290,15 @@ def train(corpus: str, out: Optional[str], resume: bool, cache_dir: Optional[str
 @click.option("--seed", type=int, default=None, help="Seed for reproducible samples [default: random].")
 @click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='One JSON object per sample: {"text": ..., "ended": ...}.')
+@click.option("--beam", type=int, default=None,
+              help="Beam search: print the K most probable continuations instead of sampling.")
+@click.option("--length-penalty", type=float, default=0.0, show_default=True,
+              help="Beam ranking divides the log-probability by length**this.")
+@click.option("--mark-novel", is_flag=True,
+              help="Mark samples that are not documents of the training data (for --docs line runs).")
 def sample(run: str, length: int, temperature: float, top_k, top_p, greedy: bool, prime: str, num_samples: int,
-           seed, checkpoint: str, as_json: bool) -> None:
+           seed, checkpoint: str, as_json: bool, beam: Optional[int], length_penalty: float,
+           mark_novel: bool) -> None:
     """Generate text from a trained RUN directory."""
     config = SampleConfig(length=length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                           prime=prime, num_samples=num_samples, seed=seed)
@@ -300,16 +307,34 @@ def sample(run: str, length: int, temperature: float, top_k, top_p, greedy: bool
 
     model = load(Path(run), checkpoint)
     model.check_prime(prime)
-    if as_json or num_samples > 1:
+    known = model.training_documents() if mark_novel else None
+    if beam is not None:
+        for r in model.beam_search(prime, beam, length, length_penalty):
+            row = {"text": r.text, "logprob": r.logprob, "ended": r.ended}
+            if known is not None:
+                row["novel"] = r.text not in known
+            click.echo(json.dumps(row, ensure_ascii=False) if as_json else
+                       f"{r.logprob:10.3f}  {r.text!r}" + _novelty(row))
+        return
+    if as_json or num_samples > 1 or known is not None:
         for i, s in enumerate(model.sample(config)):
+            row = {"text": s.text, "ended": s.ended}
+            if known is not None:
+                row["novel"] = s.text not in known
             if as_json:
-                click.echo(json.dumps({"text": s.text, "ended": s.ended}, ensure_ascii=False))
+                click.echo(json.dumps(row, ensure_ascii=False))
+            elif known is not None:
+                click.echo(s.text + _novelty(row))
             else:
                 click.echo(f"--- sample {i + 1} ---\n{s.text}")
         return
     for pieces, _ in model.stream(config):
         click.echo(pieces[0], nl=False)  # echo flushes: text appears as it is generated
     click.echo()
+
+
+def _novelty(row: dict) -> str:
+    return "" if "novel" not in row else ("  (new)" if row["novel"] else "  (in training data)")
 
 
 @cli.command(name="eval")
@@ -414,6 +439,17 @@ def corpora_get(ctx, name: str, mirror: Optional[str]) -> None:
         if bar is not None:
             bar.close()
     click.echo(f"{name}: {path}")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", default="loss.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Image to write (.png, .svg or .pdf).")
+def plot(runs: tuple[str, ...], output: str) -> None:
+    """Draw train and validation loss of one or more RUNS against step and characters seen."""
+    from charrnn.plot import plot_runs
+
+    click.echo(f"wrote {plot_runs([Path(r) for r in runs], Path(output))}")
 
 
 def main() -> None:

@@ -32,6 +32,16 @@ class Sample:
     ended: bool
 
 
+@dataclass(frozen=True)
+class BeamResult:
+    """One beam-search continuation: text (prime included), total log-probability in nats, and
+    whether it reached the end token."""
+
+    text: str
+    logprob: float
+    ended: bool
+
+
 class Run:
     """A run directory's model at one checkpoint.
 
@@ -119,6 +129,48 @@ class Run:
         for pieces, ended in self.stream(config):
             texts = [t + p for t, p in zip(texts, pieces)]
         return [Sample(t, bool(e)) for t, e in zip(texts, ended)]
+
+    def beam_search(self, prime: str = "", beam: int = 5, length: int = 100,
+                    length_penalty: float = 0.0) -> list["BeamResult"]:
+        """The ``beam`` most probable continuations of ``prime``, best first.
+
+        Ranked by total log-probability divided by ``generated_length ** length_penalty``
+        (0: no normalisation). Each stops at the end token or after ``length`` characters.
+        """
+        if beam < 1:
+            raise CharrnnError(f"--beam must be at least 1, not {beam}")
+        if length < 1:
+            raise CharrnnError(f"--length must be at least 1, not {length}")
+        prime_ids = self.check_prime(prime)
+        if self._sampler is None:
+            self._sampler = sampler.make_sampler(self._step_fn())
+        primed = self._sampler[0](self.model.initial_carry(1), jnp.asarray(sampler.prompt_tokens(prime_ids, 1)),
+                                  jax.random.PRNGKey(0))
+        result = jax.device_get(sampler.make_beam_search(self._step_fn(), beam, length)(
+            primed.carry, primed.logits_BxV))
+        out = []
+        for i in sampler.rank_beams(result, length_penalty):
+            row = result.tokens_KxL[i][:int(result.length_K[i])]
+            out.append(BeamResult(prime + self.vocab.decode(row), float(result.logprob_K[i]),
+                                  bool(result.ended_K[i])))
+        return out
+
+    def training_documents(self) -> set[str]:
+        """The documents of the run's training split, read again from its corpus (for novelty)."""
+        try:
+            corpus = data_mod.load_corpus(self.config.corpus, self.config.data.encoding)
+        except CharrnnError as e:
+            raise CharrnnError(f"cannot read the run's corpus to check novelty: {e}") from None
+        docs = data_mod.corpus_documents(corpus, self.config.data.docs)
+        stream_len = sum(len(d) + 2 for d in docs)
+        train_len = stream_len - int(stream_len * self.config.data.val_frac)
+        out, pos = set(), 0
+        for d in docs:
+            pos += len(d) + 2
+            if pos > train_len:
+                break
+            out.add(d)
+        return out
 
     def evaluate(self, text: str) -> dict:
         """Loss of the model on ``text``, split into documents as the run was trained.
