@@ -237,10 +237,13 @@ class TrainProgress:
 @click.argument("corpus")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/<corpus>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint, exactly.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --out if there is one (its files are deleted).")
+@click.option("--init-from", type=click.Path(file_okay=False), help="Fine-tune: start from this run's weights.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where downloaded corpora are cached.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_config_options
-def train(corpus: str, out: Optional[str], resume: bool, cache_dir: Optional[str], quiet: bool, **options) -> int:
+def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_from: Optional[str],
+          cache_dir: Optional[str], quiet: bool, **options) -> int:
     """Train a model on CORPUS: a text file, a directory of text files, or a corpus name.
 
     Writes config.json, vocab.json, metrics.jsonl and checkpoints into the run directory.
@@ -261,7 +264,8 @@ def train(corpus: str, out: Optional[str], resume: bool, cache_dir: Optional[str
     progress = TrainProgress(quiet)
     try:
         with SignalStop() as stop:
-            result = train_run(corpus, config, Path(out) if out else None, resume=resume,
+            result = train_run(corpus, config, Path(out) if out else None, resume=resume, overwrite=overwrite,
+                               init_from=Path(init_from) if init_from else None,
                                on_event=progress, should_stop=stop)
     finally:
         progress.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -144,3 +145,13 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 def append_metrics(run_dir: Path, record: dict) -> None:
     """Append one record to ``metrics.jsonl``."""
     ckpt.append_line(Path(run_dir) / METRICS_FILE, json.dumps(record))
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete the files of a run (for ``--overwrite``); other files in the directory are left."""
+    run_dir = Path(run_dir)
+    for p in ckpt.list_checkpoints(run_dir):
+        shutil.rmtree(p, ignore_errors=True)
+    for name in (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, *ckpt.POINTERS):
+        (run_dir / name).unlink(missing_ok=True)
+    ckpt.clean_temporaries(run_dir)

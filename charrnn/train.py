@@ -18,12 +18,13 @@ from flax import nnx
 
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
-from charrnn import runs
+from charrnn import inference, runs
+from charrnn import sample as sample_mod
 from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig
 from charrnn.errors import CharrnnError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn, weighted_nll
 from charrnn.model import CharRNN, build_model, split_model
-from charrnn.vocab import START, Vocab
+from charrnn.vocab import END, START, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def _prepare_corpus(corpus, config: RunConfig):
 
 
 def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None, *, resume: bool = False,
-          on_event: Optional[Callable[[dict], None]] = None,
+          overwrite: bool = False, init_from: Optional[Path] = None, on_event: Optional[Callable[[dict], None]] = None,
           should_stop: Optional[Callable[[], Optional[str]]] = None) -> TrainResult:
     """Train a model on ``corpus`` and write the run directory.
 
@@ -183,6 +184,10 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         out: the run directory (default ``checkpoints/<corpus name>``).
         resume: continue the run in ``out`` from its latest checkpoint, exactly as if it had
             not stopped. Model, data and batch layout settings must match the run's.
+        overwrite: start afresh in ``out`` even if it holds a run (its files are deleted).
+        init_from: a run directory to fine-tune from: its weights are copied, characters it
+            knows keep their ids, new ones are appended with fresh rows; the optimizer starts
+            fresh. Its architecture (cell, layers, hidden) is used.
         on_event: called with progress events (dicts with an ``"event"`` key: ``start``,
             ``step``, ``log``, ``eval``, ``save``, ``end``); the CLI draws its progress bar from
             them. The library never prints.
@@ -219,9 +224,17 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         corp, documents = _prepare_corpus(corpus, config)
         run_dir = Path(out) if out is not None else Path("checkpoints") / corp.name
         if run_dir.exists() and (ckpt.list_checkpoints(run_dir) or (run_dir / runs.CONFIG_FILE).exists()):
-            raise CharrnnError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                               f"or choose another --out")
-        vocab = Vocab.from_texts(documents)
+            if not overwrite:
+                raise CharrnnError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                                   f"--overwrite to replace it, or choose another --out")
+            runs.remove_run(run_dir)
+        source = None
+        if init_from is not None:
+            source = inference.load(Path(init_from), "best")
+            config = replace(config, model=replace(source.config.model, dropout=config.model.dropout))
+            vocab = source.vocab.extended(documents)
+        else:
+            vocab = Vocab.from_texts(documents)
     config = replace(config, corpus=config.corpus or corpus_label)
     cfg = config.train
 
@@ -233,6 +246,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     optimizer = make_optimizer(cfg, schedule)
     keys = run_keys(cfg.seed)
     model = build_model(config.model, vocab.size, keys["init"])
+    if source is not None:
+        nnx.update(model, nnx.State(transplant(source.params, split_model(model)[1], source.vocab.size)))
     graphdef, state = init_state(model, optimizer, cfg.seed)
     carry = model.initial_carry(cfg.batch_size)
     fingerprint = runs.stream_fingerprint(stream)
@@ -253,6 +268,15 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     runs.write_run_files(run_dir, config, vocab)
 
     step_fn = make_train_step(graphdef, optimizer, cfg)
+    sample_fns = None
+    if cfg.sample_every:
+        # Parameters ride in the sampler's carry so one compiled sampler serves every step.
+        def sample_step(c, tok):
+            params, mc = c
+            mc, logits = nnx.merge(graphdef, params).step(mc, tok)
+            return (params, mc), logits
+
+        sample_fns = sample_mod.make_sampler(sample_step)
     eval_fn = make_eval_fn(graphdef, cfg.dtype)
     step = int(state.step)
     have_val = len(val_stream) >= 2
@@ -277,6 +301,18 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         emit(record)
         return record
 
+    def show_sample() -> None:
+        controls = sample_mod.make_controls(vocab.size, 1.0)
+        prompt = sample_mod.prompt_tokens(np.zeros(0, np.int32), 1)
+        toks = np.concatenate(list(sample_mod.generate_stream(
+            *sample_fns, (state.params, model.initial_carry(1)), prompt, keys["sample"], controls,
+            cfg.sample_length)), axis=1)[0]
+        end = np.flatnonzero(toks == END)
+        text = vocab.decode(toks[:end[0]] if end.size else toks)
+        record = {"event": "sample", "step": step, "text": text}
+        runs.append_metrics(run_dir, record)
+        emit(record)
+
     def save(best: bool) -> None:
         epoch, window = batches.position(step)
         meta = {"step": step, "epoch": epoch, "window": window, "chars_seen": step * batches.chars_per_step,
@@ -289,6 +325,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         emit({"event": "save", "step": step, "path": str(path), "best": best})
 
     t_start = time.monotonic()
+    if source is not None and have_val:
+        evaluate()  # where fine-tuning starts from, on the new corpus
     deadline = t_start + cfg.minutes * 60 if cfg.minutes else None
     pending = None  # the previous step's metrics, read one step late so the host never waits
     log_losses: list[float] = []
@@ -343,7 +381,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         if pending is not None:
             absorb(*pending)
         pending = (step, metrics)
-        if step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0:
+        if (step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0
+                or (sample_fns is not None and step % cfg.sample_every == 0)):
             absorb(*pending)
             pending = None
             best = False
@@ -353,6 +392,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
             if step % cfg.checkpoint_every == 0 or best:
                 save(best)
                 saved_at = step
+            if sample_fns is not None and step % cfg.sample_every == 0:
+                show_sample()
             if cfg.patience and progress["evals_since_best"] >= cfg.patience:
                 reason = "patience"
                 break
@@ -390,3 +431,27 @@ def load_train_state(run_dir: Path, template: TrainState, carry_template, which:
     state = TrainState(params=as_jax(restored["params"]), opt_state=as_jax(restored["opt"]),
                        step=jnp.asarray(restored["step"]), rng=jnp.asarray(restored["rng"]))
     return state, as_jax(restored["carry"]), meta
+
+
+def transplant(source_params, target_params, source_vocab_size: int):
+    """``target_params`` with every weight copied from ``source_params``.
+
+    Tensors whose vocabulary axis grew (the first layer's input rows, the output columns) get
+    the source's rows for the old ids and keep their fresh initialisation for the new ones.
+    """
+    src = runs.flatten(source_params, "p")
+    out = {}
+    for name, t in runs.flatten(target_params, "p").items():
+        s = np.asarray(src[name])
+        t = np.array(t)
+        if s.shape == t.shape:
+            t = s
+        elif s.ndim == t.ndim and s.shape[0] == source_vocab_size and s.shape[1:] == t.shape[1:]:
+            t[:source_vocab_size] = s
+        elif s.ndim == t.ndim and s.shape[-1] == source_vocab_size and s.shape[:-1] == t.shape[:-1]:
+            t[..., :source_vocab_size] = s
+        else:
+            raise CharrnnError(f"cannot fine-tune: parameter {name[2:]} has shape {list(s.shape)} in the source "
+                               f"run and {list(t.shape)} here")
+        out[name] = jnp.asarray(t)
+    return runs.unflatten(target_params, "p", out)

@@ -23,7 +23,11 @@ def _code_points(text: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Vocab:
-    """Sorted characters; id 0 is the start token, id 1 the end token, id ``2 + i`` is ``chars[i]``."""
+    """Characters; id 0 is the start token, id 1 the end token, id ``2 + i`` is ``chars[i]``.
+
+    A vocabulary built from text is sorted; one extended for fine-tuning keeps the old ids and
+    appends the new characters, so only uniqueness is required.
+    """
 
     chars: tuple[str, ...]
 
@@ -32,9 +36,10 @@ class Vocab:
             raise CharrnnError("vocabulary: every entry must be exactly one character")
         if len(set(self.chars)) != len(self.chars):
             raise CharrnnError("vocabulary: characters are not unique")
-        if list(self.chars) != sorted(self.chars):
-            raise CharrnnError("vocabulary: characters are not sorted")
-        object.__setattr__(self, "_points", np.array([ord(c) for c in self.chars], dtype=np.uint32))
+        points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        order = np.argsort(points, kind="stable")
+        object.__setattr__(self, "_points", points[order])  # sorted, for searchsorted
+        object.__setattr__(self, "_ids", (order + NUM_SPECIAL).astype(np.int32))
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> "Vocab":
@@ -48,6 +53,11 @@ class Vocab:
     def size(self) -> int:
         """Number of ids, special tokens included."""
         return len(self.chars) + NUM_SPECIAL
+
+    def extended(self, texts: Iterable[str]) -> "Vocab":
+        """This vocabulary with the new characters of ``texts`` appended (old ids unchanged)."""
+        new = [c for c in Vocab.from_texts(texts).chars if c not in set(self.chars)]
+        return Vocab(self.chars + tuple(new))
 
     def unknown(self, text: str) -> list[str]:
         """The distinct characters of ``text`` that are not in the vocabulary, sorted."""
@@ -67,7 +77,7 @@ class Vocab:
         if not ok.all():
             missing = self.unknown(text)
             raise CharrnnError(f"characters not in the vocabulary: {describe_chars(missing)}")
-        return (idx + NUM_SPECIAL).astype(np.int32)
+        return self._ids[idx] if len(self._ids) else np.zeros(0, np.int32)
 
     def decode(self, ids: Sequence[int], *, specials: bool = False) -> str:
         """Text of ``ids``; start/end tokens are dropped unless ``specials`` (then shown as ⟨s⟩/⟨/s⟩)."""
