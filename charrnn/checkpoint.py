@@ -40,6 +40,20 @@ DTYPES = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "uint32": np.dty
           "float64": np.dtype("<f8"), "int64": np.dtype("<i8"), "bool": np.dtype("bool")}
 
 
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: ``CHARRNN_FAULT=name@n`` SIGKILLs this process the n-th time ``name`` is
+    reached, so tests can kill a run at exact moments inside a save. Inert otherwise."""
+    spec = os.environ.get("CHARRNN_FAULT")
+    if not spec or not spec.startswith(name + "@"):
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(spec.split("@", 1)[1]):
+        os.kill(os.getpid(), 9)
+
+
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}"
 
@@ -250,6 +264,7 @@ def write_checkpoint(run_dir: Path, step: int, tensors: Mapping[str, np.ndarray]
         state = encode_tensors(tensors)
         meta_bytes = json.dumps(meta, indent=1, sort_keys=True).encode("utf-8")
         _write_file(tmp / STATE_FILE, state)
+        fault_point("save-state-written")
         _write_file(tmp / META_FILE, meta_bytes)
         manifest = {
             "format": "charrnn-checkpoint", "version": FORMAT_VERSION,
@@ -258,15 +273,18 @@ def write_checkpoint(run_dir: Path, step: int, tensors: Mapping[str, np.ndarray]
         }
         _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
         _fsync_dir(tmp)
+        fault_point("save-before-rename")
         if final.exists():
             # Same step saved again (e.g. after a resume): move the old one aside first.
             old = run_dir / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
             os.replace(final, old)
+            fault_point("save-between-renames")
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(run_dir)
+        fault_point("save-renamed")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _disk_error(e, tmp) from None
@@ -296,9 +314,18 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def clean_temporaries(run_dir: Path) -> int:
-    """Remove leftovers of interrupted saves; returns how many were removed."""
+    """Remove leftovers of interrupted saves; returns how many were removed.
+
+    A checkpoint moved aside to be replaced (``.tmp-old-ckpt-N-PID``) whose replacement never
+    arrived is moved back instead.
+    """
     n = 0
     for p in Path(run_dir).glob(f"{TMP_PREFIX}*"):
+        if p.name.startswith(f"{TMP_PREFIX}old-ckpt-"):
+            original = Path(run_dir) / p.name[len(f"{TMP_PREFIX}old-"):].rsplit("-", 1)[0]
+            if not original.exists():
+                os.replace(p, original)
+                continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

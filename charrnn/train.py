@@ -207,6 +207,7 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     corpus_label = corpus.name if isinstance(corpus, data_mod.Corpus) else str(corpus)
 
     # --- run directory and configuration -------------------------------------------------
+    source = None  # the run fine-tuned from, if any
     if resume:
         if out is None:
             raise CharrnnError("--resume needs --out RUN_DIR naming the run to continue")
@@ -228,7 +229,6 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
                 raise CharrnnError(f"{run_dir} already holds a run: pass --resume to continue it, "
                                    f"--overwrite to replace it, or choose another --out")
             runs.remove_run(run_dir)
-        source = None
         if init_from is not None:
             source = inference.load(Path(init_from), "best")
             config = replace(config, model=replace(source.config.model, dropout=config.model.dropout))
@@ -254,14 +254,21 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
 
     progress = {"best_val": None, "best_step": None, "evals_since_best": 0, "last_val": None,
                 "bad_in_a_row": 0, "bad_total": 0}
+    log_losses: list[float] = []  # losses since the last train record (saved, so resume logs the same)
     if resume:
         ckpt.clean_temporaries(run_dir)
-        state, carry, meta = load_train_state(run_dir, state, carry)
-        for k in progress:
-            progress[k] = meta.get(k, progress[k])
-        if meta.get("corpus_sha256") != fingerprint:
-            log.warning("the corpus differs from the one this run was trained on; continuing anyway")
-        runs.truncate_metrics(run_dir, int(meta["step"]))
+        if ckpt.read_pointer(run_dir, "latest") is None:
+            # Killed before its first checkpoint: nothing to continue, so start from step 0.
+            log.warning("%s has no checkpoint yet; starting from step 0", run_dir)
+            runs.truncate_metrics(run_dir, 0)
+        else:
+            state, carry, meta = load_train_state(run_dir, state, carry)
+            for k in progress:
+                progress[k] = meta.get(k, progress[k])
+            log_losses.extend(float(v) for v in meta.get("log_losses", []))
+            if meta.get("corpus_sha256") != fingerprint:
+                log.warning("the corpus differs from the one this run was trained on; continuing anyway")
+            runs.truncate_metrics(run_dir, int(meta["step"]))
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temporaries(run_dir)
@@ -316,9 +323,10 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     def save(best: bool) -> None:
         epoch, window = batches.position(step)
         meta = {"step": step, "epoch": epoch, "window": window, "chars_seen": step * batches.chars_per_step,
-                "corpus_sha256": fingerprint, **progress}
+                "corpus_sha256": fingerprint, "log_losses": list(log_losses), **progress}
         path = save_train_state(run_dir, state, carry, meta)
         ckpt.set_pointer(run_dir, "latest", path.name)
+        ckpt.fault_point("save-pointer-moved")
         if best:
             ckpt.set_pointer(run_dir, "best", path.name)
         ckpt.prune(run_dir, cfg.keep)
@@ -329,11 +337,11 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         evaluate()  # where fine-tuning starts from, on the new corpus
     deadline = t_start + cfg.minutes * 60 if cfg.minutes else None
     pending = None  # the previous step's metrics, read one step late so the host never waits
-    log_losses: list[float] = []
     t_log, step_log = time.monotonic(), step
     reason = None
     last_loss = None
-    evaluated_at = saved_at = None
+    # A resumed run's starting point is already evaluated and saved: never rewrite it.
+    evaluated_at = saved_at = step if resume else None
 
     def absorb(s: int, metrics) -> None:
         nonlocal last_loss, t_log, step_log

@@ -254,7 +254,7 @@ def _start_training(tmp_path, *extra):
 def _wait_for_steps(path: Path, n: int, proc, timeout=120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and sum(1 for _ in path.open()) >= n:
+        if path.exists() and sum('"train"' in line for line in path.open()) >= n:
             return
         if proc.poll() is not None:
             raise AssertionError(proc.stderr.read())
