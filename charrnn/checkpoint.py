@@ -287,7 +287,7 @@ def write_checkpoint(run_dir: Path, step: int, tensors: Mapping[str, np.ndarray]
         fault_point("save-renamed")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_error(e, tmp) from None
+        raise _disk_error(e, final) from None
     return final
 
 

@@ -397,7 +397,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
             if have_val and step % cfg.eval_every == 0:
                 best = evaluate()["best"]
                 evaluated_at = step
-            if step % cfg.checkpoint_every == 0 or best:
+            # No checkpoint in the middle of a run of non-finite steps: the last good one stays latest.
+            if (step % cfg.checkpoint_every == 0 or best) and progress["bad_in_a_row"] == 0:
                 save(best)
                 saved_at = step
             if sample_fns is not None and step % cfg.sample_every == 0:
