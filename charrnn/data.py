@@ -2,34 +2,53 @@
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from charrnn import corpora
 from charrnn.errors import CharrnnError
-from charrnn.vocab import END, START, Vocab
+from charrnn.vocab import END, START, Vocab, code_points
 
 log = logging.getLogger(__name__)
 
 UTF8_BOM = b"\xef\xbb\xbf"
+CHUNK_BYTES = 16 << 20  # corpus files are read and encoded this many bytes at a time
+CHUNK_CHARS = 16 << 20
 _PARAGRAPH_BREAK = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """A named corpus as a list of ``(source name, text)`` files, before document splitting."""
+    """A named corpus: ``(source name, content)`` files, where content is a path read lazily in
+    chunks (so corpora larger than memory work) or a text already in memory."""
 
     name: str
-    files: tuple[tuple[str, str], ...]
+    files: tuple[tuple[str, Union[str, Path]], ...]
+    encoding: str = "utf-8"
 
-    @property
-    def num_chars(self) -> int:
-        return sum(len(t) for _, t in self.files)
+
+def _is_utf8(encoding: str) -> bool:
+    return encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+
+
+def _decode_error(source: str, encoding: str, offset: int, byte: bytes, binary: bool) -> CharrnnError:
+    hint = " (a binary file?)" if binary else ""
+    return CharrnnError(
+        f"{source} is not valid {encoding}{hint}: byte 0x{byte.hex()} at offset {offset}; "
+        f"pass --encoding with the file's codec (for example --encoding latin-1)")
+
+
+def _nul_error(source: str, offset: int) -> CharrnnError:
+    return CharrnnError(f"{source} looks binary: it contains a NUL character at offset {offset}; "
+                        f"if it is UTF-16 text, pass --encoding utf-16")
 
 
 def decode_bytes(raw: bytes, source: str, encoding: str = "utf-8") -> str:
@@ -37,111 +56,236 @@ def decode_bytes(raw: bytes, source: str, encoding: str = "utf-8") -> str:
 
     A UTF-8 byte-order mark is stripped; line endings are kept exactly as written.
     """
-    if encoding.lower().replace("_", "-") in ("utf-8", "utf8") and raw.startswith(UTF8_BOM):
-        raw = raw[len(UTF8_BOM):]
+    return "".join(_decode_chunks([raw], source, encoding))
+
+
+def _decode_chunks(blocks: Iterable[bytes], source: str, encoding: str) -> Iterator[str]:
+    """Incrementally decode byte blocks (see ``decode_bytes``), reporting file-wide offsets."""
+    decoder = codecs.getincrementaldecoder(encoding)("strict")
+    offset = 0  # bytes consumed before this block
+    chars = 0
+    first = True
+    blocks = iter(blocks)
+    block = next(blocks, b"")
+    while True:
+        nxt = next(blocks, None)
+        if first and _is_utf8(encoding) and block.startswith(UTF8_BOM):
+            block = block[len(UTF8_BOM):]
+            offset += len(UTF8_BOM)
+        first = False
+        try:
+            text = decoder.decode(block, final=nxt is None)
+        except UnicodeDecodeError as e:
+            # e.start counts from the decoder's buffered bytes plus this block.
+            pending = len(e.object) - len(block)
+            at = offset - pending + e.start
+            raise _decode_error(source, encoding, at, e.object[e.start:e.start + 1],
+                                b"\0" in block[:8192]) from None
+        if "\0" in text:
+            raise _nul_error(source, chars + text.index("\0"))
+        chars += len(text)
+        offset += len(block)
+        if text:
+            yield text
+        if nxt is None:
+            return
+        block = nxt
+
+
+def _read_blocks(path: Path) -> Iterator[bytes]:
     try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        bad = raw[e.start:e.start + 1].hex()
-        hint = " (a binary file?)" if b"\0" in raw[:8192] else ""
-        raise CharrnnError(
-            f"{source} is not valid {encoding}{hint}: byte 0x{bad} at offset {e.start}; "
-            f"pass --encoding with the file's codec (for example --encoding latin-1)") from None
-    if "\0" in text:
-        raise CharrnnError(
-            f"{source} looks binary: it contains a NUL character at offset {text.index(chr(0))}; "
-            f"if it is UTF-16 text, pass --encoding utf-16")
-    return text
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                yield block
+    except OSError as e:
+        raise CharrnnError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def read_text_file(path: Path, encoding: str = "utf-8") -> str:
     """Read one corpus file as text (see ``decode_bytes``)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CharrnnError(f"cannot read {path}: {e.strerror or e}") from None
-    return decode_bytes(raw, str(path), encoding)
+    return "".join(_decode_chunks(_read_blocks(Path(path)), str(path), encoding))
 
 
 def load_corpus(spec: str, encoding: str = "utf-8") -> Corpus:
     """Resolve ``spec`` to a corpus: a file, a directory (one file per document) or a corpus name.
 
+    Files are not read yet (``iter_pieces`` streams them), only listed; a directory's binary
+    files are skipped.
+
     Args:
         spec: a path, or the name of a built-in or downloaded corpus (see ``charrnn.corpora``).
         encoding: codec of the corpus files.
-
-    Returns:
-        The corpus with its files' texts.
     """
     path = Path(spec).expanduser()
     if path.is_file():
-        return Corpus(path.stem, ((str(path), read_text_file(path, encoding)),))
+        return Corpus(path.stem, ((str(path), path),), encoding)
     if path.is_dir():
         files = []
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             if any(part.startswith(".") for part in f.relative_to(path).parts):
                 continue
             try:
-                raw = f.read_bytes()
+                with open(f, "rb") as fh:
+                    head = fh.read(8192)
             except OSError as e:
                 raise CharrnnError(f"cannot read {f}: {e.strerror or e}") from None
-            if b"\0" in raw[:8192] and encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+            if b"\0" in head and _is_utf8(encoding):
                 log.info("skipping binary file %s", f)
                 continue
-            files.append((str(f), decode_bytes(raw, str(f), encoding)))
+            files.append((str(f), f))
         if not files:
             raise CharrnnError(f"directory {path} holds no text files")
-        return Corpus(path.resolve().name, tuple(files))
+        return Corpus(path.resolve().name, tuple(files), encoding)
     if path.exists():
         raise CharrnnError(f"{spec} is neither a file nor a directory")
     if spec in corpora.names():
-        return Corpus(spec, tuple(corpora.load(spec)))
+        return Corpus(spec, tuple(corpora.load(spec)), encoding)
     known = ", ".join(corpora.names())
     raise CharrnnError(f"no such file, directory or corpus: {spec} (corpus names: {known})")
 
 
-def split_documents(text: str, docs: str) -> list[str]:
-    """Split one file's text into documents.
-
-    ``file``: the whole text; ``line``: each non-empty line (its ``\\r\\n`` or ``\\n`` ending
-    removed); ``paragraph``: blocks separated by blank lines. Empty documents are dropped.
-    """
-    if docs == "file":
-        pieces = [text]
-    elif docs == "line":
-        pieces = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
-        pieces = [p for p in pieces if p.strip()]
-    elif docs == "paragraph":
-        pieces = [p.strip("\r\n") for p in _PARAGRAPH_BREAK.split(text)]
-        pieces = [p for p in pieces if p.strip()]
+def _text_chunks(corpus: Corpus, content: Union[str, Path], label: str) -> Iterator[str]:
+    if isinstance(content, str):
+        for i in range(0, len(content), CHUNK_CHARS):
+            yield content[i:i + CHUNK_CHARS]
     else:
+        yield from _decode_chunks(_read_blocks(content), label, corpus.encoding)
+
+
+def _clean(pieces: list[str], docs: str) -> list[str]:
+    if docs == "line":
+        pieces = [p[:-1] if p.endswith("\r") else p for p in pieces]
+    elif docs == "paragraph":
+        pieces = [p.strip("\r\n") for p in pieces]
+    return [p for p in pieces if p.strip()]
+
+
+def iter_pieces(corpus: Corpus, docs: str) -> Iterator[tuple[str, bool, bool]]:
+    """Stream a corpus as ``(text, starts_document, ends_document)`` pieces, file by file.
+
+    ``file``: each file is one document (streamed in chunks); ``line``: each non-empty line
+    (its ``\\r\\n`` or ``\\n`` ending removed); ``paragraph``: blocks separated by blank lines.
+    Empty documents are dropped.
+    """
+    if docs not in ("file", "line", "paragraph"):
         raise CharrnnError(f"--docs must be file, line or paragraph, not {docs!r}")
-    return [p for p in pieces if p]
+    for label, content in corpus.files:
+        if docs == "file":
+            prev = None
+            for chunk in _text_chunks(corpus, content, label):
+                if prev is not None:
+                    yield prev
+                prev = (chunk, prev is None, False)
+            if prev is not None:
+                yield prev[0], prev[1], True
+            continue
+        carry = ""
+        for chunk in _text_chunks(corpus, content, label):
+            parts = (chunk if not carry else carry + chunk)
+            parts = parts.split("\n") if docs == "line" else _PARAGRAPH_BREAK.split(parts)
+            carry = parts.pop()
+            for p in _clean(parts, docs):
+                yield p, True, True
+        for p in _clean([carry], docs):
+            yield p, True, True
+
+
+def split_documents(text: str, docs: str) -> list[str]:
+    """Split one text into documents (see ``iter_pieces``)."""
+    return corpus_documents(Corpus("text", (("text", text),)), docs)
 
 
 def corpus_documents(corpus: Corpus, docs: str) -> list[str]:
-    """All documents of a corpus, in file order."""
+    """All documents of a corpus in memory, in file order (for small corpora and tests)."""
     out: list[str] = []
-    for _, text in corpus.files:
-        out.extend(split_documents(text, docs))
+    current: list[str] = []
+    for text, start, end in iter_pieces(corpus, docs):
+        if start:
+            current = []
+        current.append(text)
+        if end:
+            out.append("".join(current))
     return out
+
+
+@dataclass(frozen=True)
+class EncodedCorpus:
+    """A corpus as one token stream (in memory or memory-mapped) with its vocabulary."""
+
+    stream: np.ndarray
+    vocab: Vocab
+    sha256: str
+
+
+def corpus_vocab(corpus: Corpus, docs: str) -> tuple[Vocab, int]:
+    """The vocabulary of every character in the corpus's documents and the length of its token
+    stream, in one streaming pass."""
+    seen = np.zeros(0x110000, dtype=bool)
+    tokens = 0
+    for text, start, end in iter_pieces(corpus, docs):
+        seen[code_points(text)] = True
+        tokens += len(text) + start + end
+    if tokens == 0:
+        raise CharrnnError(f"corpus {corpus.name} is empty: it has no "
+                           + ("text" if docs == "file" else f"non-empty {docs}s"))
+    return Vocab(tuple(chr(p) for p in np.flatnonzero(seen))), tokens
+
+
+def encode_corpus(corpus: Corpus, docs: str, vocab: Vocab, out: Optional[Path] = None) -> EncodedCorpus:
+    """Encode a corpus as a token stream, each document wrapped as ``START text END``.
+
+    With ``out``, the ids are written in chunks to that ``.npy`` file (uint16 when the
+    vocabulary fits) and returned memory-mapped, so the corpus never has to fit in memory;
+    otherwise they are returned as an in-memory int32 array.
+    """
+    dtype = np.dtype("<u2") if vocab.size <= 0xFFFF else np.dtype("<i4")
+    digest = hashlib.sha256()
+    blocks: list[np.ndarray] = []
+    tmp = None
+    f = None
+    if out is not None:
+        tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+        f = open(tmp, "wb")
+    try:
+        n = 0
+        for text, start, end in iter_pieces(corpus, docs):
+            ids = vocab.encode(text)
+            if start or end:
+                ids = np.concatenate([[START] if start else [], ids, [END] if end else []]).astype(np.int32)
+            block = ids.astype(dtype)
+            digest.update(block.tobytes())
+            n += len(block)
+            if f is not None:
+                f.write(block.tobytes())
+            else:
+                blocks.append(block)
+        if f is None:
+            stream = np.concatenate(blocks).astype(np.int32) if blocks else np.zeros(0, np.int32)
+            return EncodedCorpus(stream, vocab, digest.hexdigest())
+        f.close()
+        f = None
+        # Prepend an .npy header by writing it into a second file and appending the body, cheaply:
+        final_tmp = out.with_name(f".tmp2-{out.name}-{os.getpid()}")
+        with open(final_tmp, "wb") as g, open(tmp, "rb") as body:
+            np.lib.format.write_array_header_1_0(g, {"descr": dtype.str, "fortran_order": False, "shape": (n,)})
+            while block := body.read(CHUNK_BYTES):
+                g.write(block)
+        os.replace(final_tmp, out)
+        stream = np.load(out, mmap_mode="r") if n else np.zeros(0, dtype)
+        return EncodedCorpus(stream, vocab, digest.hexdigest())
+    except OSError as e:
+        raise CharrnnError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if f is not None:
+            f.close()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def encode_documents(documents: Sequence[str], vocab: Vocab) -> np.ndarray:
-    """The token stream: each document wrapped as ``START text END``, concatenated (int32)."""
-    lengths = np.array([len(d) for d in documents], dtype=np.int64)
-    ids = vocab.encode("".join(documents))
-    n = len(documents)
-    out = np.empty(int(lengths.sum()) + 2 * n, dtype=np.int32)
-    starts = np.concatenate([[0], np.cumsum(lengths + 2)[:-1]]).astype(np.int64) if n else np.zeros(0, np.int64)
-    ends = starts + lengths + 1
-    is_text = np.ones(len(out), dtype=bool)
-    is_text[starts] = False
-    is_text[ends] = False
-    out[starts] = START
-    out[ends] = END
-    out[is_text] = ids
-    return out
+    """The token stream of in-memory documents: each wrapped as ``START text END`` (int32)."""
+    pieces = Corpus("documents", tuple((f"doc{i}", d) for i, d in enumerate(documents)))
+    return encode_corpus(pieces, "file", vocab).stream
 
 
 def split_train_val(stream: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +303,17 @@ class StreamBatches:
     """
 
     def __init__(self, stream: np.ndarray, batch_size: int, seq_len: int):
-        n = len(stream)
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.stream_len, self.steps_per_epoch = self.layout(len(stream), batch_size, seq_len)
+        used = batch_size * self.stream_len
+        self.x_BxL = stream[:used].reshape(batch_size, self.stream_len)
+        self.y_BxL = stream[1:used + 1].reshape(batch_size, self.stream_len)
+        self.chars_per_step = batch_size * seq_len
+
+    @staticmethod
+    def layout(n: int, batch_size: int, seq_len: int) -> tuple[int, int]:
+        """``(stream_len, steps_per_epoch)`` for ``n`` training tokens; refuses too small a text."""
         need = batch_size * seq_len + 1
         if n < need:
             raise CharrnnError(
@@ -167,14 +321,8 @@ class StreamBatches:
                 f"{batch_size} x --seq-len {seq_len} needs {need}; lower --batch-size or --seq-len "
                 f"(for example --batch-size {max(1, (n - 1) // max(1, min(seq_len, n - 1)))} "
                 f"--seq-len {max(1, min(seq_len, n - 1))}) or use a larger corpus")
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.stream_len = (n - 1) // batch_size
-        self.steps_per_epoch = self.stream_len // seq_len
-        used = batch_size * self.stream_len
-        self.x_BxL = stream[:used].reshape(batch_size, self.stream_len)
-        self.y_BxL = stream[1:used + 1].reshape(batch_size, self.stream_len)
-        self.chars_per_step = batch_size * seq_len
+        stream_len = (n - 1) // batch_size
+        return stream_len, stream_len // seq_len
 
     def position(self, step: int) -> tuple[int, int]:
         """``(epoch, window)`` read at global step ``step`` (0-based)."""
@@ -184,8 +332,8 @@ class StreamBatches:
         """Inputs and targets ``(x_BxT, y_BxT)`` for ``step``; ``rows`` selects this process's streams."""
         _, i = self.position(step)
         cols = slice(i * self.seq_len, (i + 1) * self.seq_len)
-        return (np.ascontiguousarray(self.x_BxL[rows, cols]),
-                np.ascontiguousarray(self.y_BxL[rows, cols]))
+        return (np.asarray(self.x_BxL[rows, cols], dtype=np.int32),
+                np.asarray(self.y_BxL[rows, cols], dtype=np.int32))
 
     def starts_epoch(self, step: int) -> bool:
         """True when ``step`` begins an epoch: the carried state is reset there (streams wrap)."""
@@ -194,33 +342,30 @@ class StreamBatches:
 
 def eval_windows(stream: np.ndarray, num_streams: int, seq_len: int, chunk: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The whole of ``stream`` as padded windows for evaluation.
+    """The whole of ``stream`` as padded windows for evaluation, built lazily.
 
     The stream is cut into ``num_streams`` contiguous rows, each read in ``seq_len`` windows,
     yielded ``chunk`` windows at a time as ``(x_KxBxT, y_KxBxT, weight_KxBxT)``. Every target
     except the start token (which follows an end token by construction) has weight 1 exactly
-    once; padding has weight 0. Shapes are fixed so evaluation compiles once.
+    once; padding has weight 0. Shapes are fixed so evaluation compiles once, and only one
+    chunk is in memory at a time (the stream may be memory-mapped).
     """
     n = len(stream) - 1
     if n <= 0:
         return
     row_len = -(-n // num_streams)
     windows = -(-row_len // seq_len)
-    windows = -(-windows // chunk) * chunk
-    padded = num_streams * windows * seq_len
-    x = np.full(padded, END, dtype=np.int32)
-    y = np.full(padded, START, dtype=np.int32)
-    w = np.zeros(padded, dtype=np.float32)
-    # Row b holds positions [b*row_len, (b+1)*row_len) of the stream.
-    idx = np.arange(num_streams * row_len).reshape(num_streams, row_len)
-    valid = idx < n
-    dest = (np.arange(num_streams)[:, None] * windows * seq_len + np.arange(row_len)[None, :])
-    src = idx[valid]
-    x[dest[valid]] = stream[src]
-    y[dest[valid]] = stream[src + 1]
-    w[dest[valid]] = (stream[src + 1] != START)
-    shape = (num_streams, windows, seq_len)
-    x, y, w = (a.reshape(shape).transpose(1, 0, 2) for a in (x, y, w))
+    span = chunk * seq_len
     for k in range(0, windows, chunk):
-        yield x[k:k + chunk], y[k:k + chunk], w[k:k + chunk]
-
+        x = np.full((num_streams, span), END, dtype=np.int32)
+        y = np.full((num_streams, span), START, dtype=np.int32)
+        w = np.zeros((num_streams, span), dtype=np.float32)
+        for b in range(num_streams):
+            lo = b * row_len + k * seq_len
+            m = min(lo + span, (b + 1) * row_len, n) - lo
+            if m > 0:
+                x[b, :m] = stream[lo:lo + m]
+                y[b, :m] = stream[lo + 1:lo + m + 1]
+                w[b, :m] = y[b, :m] != START
+        shape = (num_streams, chunk, seq_len)
+        yield tuple(a.reshape(shape).transpose(1, 0, 2) for a in (x, y, w))

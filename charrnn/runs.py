@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -20,6 +19,7 @@ from charrnn.vocab import Vocab, describe_chars
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, VOCAB_FILE, METRICS_FILE = "config.json", "vocab.json", "metrics.jsonl"
+TOKENS_FILE = "tokens.npy"  # the encoded corpus, memory-mapped while training
 
 
 def _key_name(k) -> str:
@@ -57,11 +57,6 @@ def to_host(parts: dict[str, Any]) -> dict[str, np.ndarray]:
     for prefix, tree in parts.items():
         named.update(flatten(tree, prefix))
     return dict(zip(named, jax.device_get(list(named.values()))))
-
-
-def stream_fingerprint(stream: np.ndarray) -> str:
-    """SHA-256 of a token stream: tells on resume whether the corpus changed."""
-    return hashlib.sha256(np.ascontiguousarray(stream, dtype="<i4").tobytes()).hexdigest()
 
 
 # --- run directory files -----------------------------------------------------------------
@@ -152,6 +147,6 @@ def remove_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     for p in ckpt.list_checkpoints(run_dir):
         shutil.rmtree(p, ignore_errors=True)
-    for name in (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, *ckpt.POINTERS):
+    for name in (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, TOKENS_FILE, *ckpt.POINTERS):
         (run_dir / name).unlink(missing_ok=True)
     ckpt.clean_temporaries(run_dir)

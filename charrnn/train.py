@@ -165,12 +165,11 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> Optional[int]:
     return min(limits) if limits else None
 
 
-def _prepare_corpus(corpus, config: RunConfig):
+def _load_corpus(corpus, config: RunConfig):
+    """The corpus and the vocabulary of its characters (a first streaming pass)."""
     corp = corpus if isinstance(corpus, data_mod.Corpus) else data_mod.load_corpus(str(corpus), config.data.encoding)
-    documents = data_mod.corpus_documents(corp, config.data.docs)
-    if not documents or not any(documents):
-        raise CharrnnError(f"corpus {corp.name} is empty: it has no {'text' if config.data.docs == 'file' else 'non-empty ' + config.data.docs + 's'}")
-    return corp, documents
+    vocab, num_tokens = data_mod.corpus_vocab(corp, config.data.docs)
+    return corp, vocab, num_tokens
 
 
 def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None, *, resume: bool = False,
@@ -217,40 +216,44 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         diffs = runs.config_differences(saved, config)
         if diffs:
             raise CharrnnError(f"cannot resume {run_dir}: settings differ from the run's: " + "; ".join(diffs))
-        corp, documents = _prepare_corpus(corpus, config)
-        missing = runs.vocab_difference(vocab, Vocab.from_texts(documents).chars)
+        corp, corpus_vocab, num_tokens = _load_corpus(corpus, config)
+        missing = runs.vocab_difference(vocab, corpus_vocab.chars)
         if missing:
             raise CharrnnError(f"cannot resume {run_dir} on {corp.name}: {missing}")
     else:
-        corp, documents = _prepare_corpus(corpus, config)
+        corp, vocab, num_tokens = _load_corpus(corpus, config)
         run_dir = Path(out) if out is not None else Path("checkpoints") / corp.name
         if run_dir.exists() and (ckpt.list_checkpoints(run_dir) or (run_dir / runs.CONFIG_FILE).exists()):
             if not overwrite:
                 raise CharrnnError(f"{run_dir} already holds a run: pass --resume to continue it, "
                                    f"--overwrite to replace it, or choose another --out")
-            runs.remove_run(run_dir)
         if init_from is not None:
             source = inference.load(Path(init_from), "best")
             config = replace(config, model=replace(source.config.model, dropout=config.model.dropout))
-            vocab = source.vocab.extended(documents)
-        else:
-            vocab = Vocab.from_texts(documents)
+            vocab = source.vocab.extended(vocab.chars)
     config = replace(config, corpus=config.corpus or corpus_label)
     cfg = config.train
 
-    stream = data_mod.encode_documents(documents, vocab)
-    train_stream, val_stream = data_mod.split_train_val(stream, config.data.val_frac)
-    batches = data_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
-    end_step = total_steps(cfg, batches.steps_per_epoch)
+    # Everything that can refuse the run is checked before anything is written.
+    n_val = int(num_tokens * config.data.val_frac)
+    _, steps_per_epoch = data_mod.StreamBatches.layout(num_tokens - n_val, cfg.batch_size, cfg.seq_len)
+    end_step = total_steps(cfg, steps_per_epoch)
     schedule = lr_schedule(cfg, end_step)
     optimizer = make_optimizer(cfg, schedule)
+
+    if overwrite and not resume:
+        runs.remove_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    encoded = data_mod.encode_corpus(corp, config.data.docs, vocab, run_dir / runs.TOKENS_FILE)
+    train_stream, val_stream = data_mod.split_train_val(encoded.stream, config.data.val_frac)
+    batches = data_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
     keys = run_keys(cfg.seed)
     model = build_model(config.model, vocab.size, keys["init"])
     if source is not None:
         nnx.update(model, nnx.State(transplant(source.params, split_model(model)[1], source.vocab.size)))
     graphdef, state = init_state(model, optimizer, cfg.seed)
     carry = model.initial_carry(cfg.batch_size)
-    fingerprint = runs.stream_fingerprint(stream)
+    fingerprint = encoded.sha256
 
     progress = {"best_val": None, "best_step": None, "evals_since_best": 0, "last_val": None,
                 "bad_in_a_row": 0, "bad_total": 0}
@@ -270,7 +273,6 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
                 log.warning("the corpus differs from the one this run was trained on; continuing anyway")
             runs.truncate_metrics(run_dir, int(meta["step"]))
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temporaries(run_dir)
     runs.write_run_files(run_dir, config, vocab)
 

@@ -16,8 +16,8 @@ NUM_SPECIAL = 2
 VOCAB_FORMAT = 1
 
 
-def _code_points(text: str) -> np.ndarray:
-    # UTF-32 gives one uint32 per code point without a Python-level loop.
+def code_points(text: str) -> np.ndarray:
+    """The code points of ``text`` as uint32 (UTF-32 gives one per character without a Python loop)."""
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
@@ -40,13 +40,17 @@ class Vocab:
         order = np.argsort(points, kind="stable")
         object.__setattr__(self, "_points", points[order])  # sorted, for searchsorted
         object.__setattr__(self, "_ids", (order + NUM_SPECIAL).astype(np.int32))
+        # A code point -> id table (-1: unknown) makes encoding one gather, O(n).
+        table = np.full(int(points.max()) + 2 if len(points) else 1, -1, dtype=np.int32)
+        table[points] = np.arange(NUM_SPECIAL, NUM_SPECIAL + len(points), dtype=np.int32)
+        object.__setattr__(self, "_table", table)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> "Vocab":
         """The vocabulary of every character that occurs in ``texts``."""
         seen: set[int] = set()
         for t in texts:
-            seen.update(np.unique(_code_points(t)).tolist())
+            seen.update(np.unique(code_points(t)).tolist())
         return cls(tuple(chr(p) for p in sorted(seen)))
 
     @property
@@ -61,23 +65,18 @@ class Vocab:
 
     def unknown(self, text: str) -> list[str]:
         """The distinct characters of ``text`` that are not in the vocabulary, sorted."""
-        pts = np.unique(_code_points(text))
+        pts = np.unique(code_points(text))
         missing = pts[~np.isin(pts, self._points)]
         return [chr(p) for p in missing.tolist()]
 
     def encode(self, text: str) -> np.ndarray:
         """Ids of the characters of ``text`` (int32); raises ``CharrnnError`` naming unknown ones."""
-        pts = _code_points(text)
-        idx = np.searchsorted(self._points, pts)
-        idx = np.minimum(idx, max(len(self._points) - 1, 0))
-        if len(self._points) == 0 and len(pts):
-            ok = np.zeros(len(pts), dtype=bool)
-        else:
-            ok = self._points[idx] == pts if len(pts) else np.ones(0, dtype=bool)
-        if not ok.all():
-            missing = self.unknown(text)
-            raise CharrnnError(f"characters not in the vocabulary: {describe_chars(missing)}")
-        return self._ids[idx] if len(self._ids) else np.zeros(0, np.int32)
+        pts = code_points(text)
+        table = self._table
+        ids = table[np.minimum(pts, len(table) - 1)]
+        if len(pts) and ((pts >= len(table)).any() or (ids < 0).any()):
+            raise CharrnnError(f"characters not in the vocabulary: {describe_chars(self.unknown(text))}")
+        return ids
 
     def decode(self, ids: Sequence[int], *, specials: bool = False) -> str:
         """Text of ``ids``; start/end tokens are dropped unless ``specials`` (then shown as ⟨s⟩/⟨/s⟩)."""
