@@ -20,8 +20,8 @@ from charrnn.vocab import END, START, Vocab, code_points
 log = logging.getLogger(__name__)
 
 UTF8_BOM = b"\xef\xbb\xbf"
-CHUNK_BYTES = 16 << 20  # corpus files are read and encoded this many bytes at a time
-CHUNK_CHARS = 16 << 20
+CHUNK_BYTES = 4 << 20  # corpus files are read and encoded this many bytes at a time
+CHUNK_CHARS = 4 << 20
 _PARAGRAPH_BREAK = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
 
 
