@@ -241,16 +241,27 @@ class TrainProgress:
 @click.option("--init-from", type=click.Path(file_okay=False), help="Fine-tune: start from this run's weights.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where downloaded corpora are cached.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--coordinator", metavar="HOST:PORT", help="Multi-process training: process 0's address.")
+@click.option("--num-processes", type=int, help="Multi-process training: how many processes.")
+@click.option("--process-id", type=int, help="Multi-process training: this process's index.")
+@click.option("--distributed", is_flag=True, help="Multi-process training, detected from the cluster (SLURM, ...).")
 @_config_options
 def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_from: Optional[str],
-          cache_dir: Optional[str], quiet: bool, **options) -> int:
+          cache_dir: Optional[str], quiet: bool, coordinator: Optional[str], num_processes: Optional[int],
+          process_id: Optional[int], distributed: bool, **options) -> int:
     """Train a model on CORPUS: a text file, a directory of text files, or a corpus name.
 
     Writes config.json, vocab.json, metrics.jsonl and checkpoints into the run directory.
     """
     _setup_jax()
-    from charrnn import runs
+    from charrnn import parallel, runs
     from charrnn.train import train as train_run
+
+    parallel.initialize(coordinator, num_processes, process_id, auto=distributed)
+    import jax
+
+    if jax.process_index() != 0:
+        quiet = True
 
     if cache_dir:
         os.environ["CHARRNN_CACHE"] = cache_dir
@@ -269,6 +280,8 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
                                on_event=progress, should_stop=stop)
     finally:
         progress.close()
+    if jax.process_index() != 0:
+        return SIGNAL_EXIT.get(result.stop_reason, 0)
     val = result.last_val
     summary = f"stopped at step {result.step} ({result.stop_reason})"
     if val:

@@ -51,14 +51,6 @@ def expected_shapes(parts: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], s
     return out
 
 
-def to_host(parts: dict[str, Any]) -> dict[str, np.ndarray]:
-    """All leaves of ``{prefix: tree}`` as named numpy arrays (one device-to-host transfer)."""
-    named = {}
-    for prefix, tree in parts.items():
-        named.update(flatten(tree, prefix))
-    return dict(zip(named, jax.device_get(list(named.values()))))
-
-
 # --- run directory files -----------------------------------------------------------------
 
 def write_run_files(run_dir: Path, config: RunConfig, vocab: Vocab) -> None:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
-from charrnn import inference, runs
+from charrnn import inference, parallel, runs
 from charrnn import sample as sample_mod
 from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig
 from charrnn.errors import CharrnnError
@@ -240,11 +240,16 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     end_step = total_steps(cfg, steps_per_epoch)
     schedule = lr_schedule(cfg, end_step)
     optimizer = make_optimizer(cfg, schedule)
+    dp = parallel.DataParallel(cfg.batch_size)
+    main = dp.is_main
+    if not main:
+        emit = lambda e: None  # noqa: E731 (only the first process reports)
 
     if overwrite and not resume:
         runs.remove_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    encoded = data_mod.encode_corpus(corp, config.data.docs, vocab, run_dir / runs.TOKENS_FILE)
+    tokens_file = runs.TOKENS_FILE if main else f"tokens-p{jax.process_index()}.npy"
+    encoded = data_mod.encode_corpus(corp, config.data.docs, vocab, run_dir / tokens_file)
     train_stream, val_stream = data_mod.split_train_val(encoded.stream, config.data.val_frac)
     batches = data_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
     keys = run_keys(cfg.seed)
@@ -263,7 +268,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         if ckpt.read_pointer(run_dir, "latest") is None:
             # Killed before its first checkpoint: nothing to continue, so start from step 0.
             log.warning("%s has no checkpoint yet; starting from step 0", run_dir)
-            runs.truncate_metrics(run_dir, 0)
+            if main:
+                runs.truncate_metrics(run_dir, 0)
         else:
             state, carry, meta = load_train_state(run_dir, state, carry)
             for k in progress:
@@ -271,10 +277,14 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
             log_losses.extend(float(v) for v in meta.get("log_losses", []))
             if meta.get("corpus_sha256") != fingerprint:
                 log.warning("the corpus differs from the one this run was trained on; continuing anyway")
-            runs.truncate_metrics(run_dir, int(meta["step"]))
+            if main:
+                runs.truncate_metrics(run_dir, int(meta["step"]))
     else:
         ckpt.clean_temporaries(run_dir)
-    runs.write_run_files(run_dir, config, vocab)
+    if main:
+        runs.write_run_files(run_dir, config, vocab)
+    state = dp.replicate(state)
+    carry = dp.shard_rows(dp.local_part(carry))
 
     step_fn = make_train_step(graphdef, optimizer, cfg)
     sample_fns = None
@@ -295,7 +305,7 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
           "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))})
 
     def evaluate() -> dict:
-        val = evaluate_stream(graphdef, state.params, model.initial_carry, val_stream,
+        val = evaluate_stream(graphdef, dp.local_copy(state.params), model.initial_carry, val_stream,
                               num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=eval_fn)
         improved = progress["best_val"] is None or val["nats"] < progress["best_val"]
         if improved:
@@ -306,7 +316,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         record = {"event": "eval", "step": step, "chars": step * batches.chars_per_step,
                   "val_loss": val["nats"], "val_bits": val["bits"], "best": improved,
                   "elapsed_s": round(time.monotonic() - t_start, 3)}
-        runs.append_metrics(run_dir, record)
+        if main:
+            runs.append_metrics(run_dir, record)
         emit(record)
         return record
 
@@ -314,19 +325,23 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         controls = sample_mod.make_controls(vocab.size, 1.0)
         prompt = sample_mod.prompt_tokens(np.zeros(0, np.int32), 1)
         toks = np.concatenate(list(sample_mod.generate_stream(
-            *sample_fns, (state.params, model.initial_carry(1)), prompt, keys["sample"], controls,
+            *sample_fns, (dp.local_copy(state.params), model.initial_carry(1)), prompt, keys["sample"], controls,
             cfg.sample_length)), axis=1)[0]
         end = np.flatnonzero(toks == END)
         text = vocab.decode(toks[:end[0]] if end.size else toks)
         record = {"event": "sample", "step": step, "text": text}
-        runs.append_metrics(run_dir, record)
+        if main:
+            runs.append_metrics(run_dir, record)
         emit(record)
 
     def save(best: bool) -> None:
         epoch, window = batches.position(step)
         meta = {"step": step, "epoch": epoch, "window": window, "chars_seen": step * batches.chars_per_step,
                 "corpus_sha256": fingerprint, "log_losses": list(log_losses), **progress}
-        path = save_train_state(run_dir, state, carry, meta)
+        tensors = dp.to_host(train_state_tensors(state, carry))  # every process joins the gather
+        if not main:
+            return
+        path = ckpt.write_checkpoint(run_dir, step, tensors, meta)
         ckpt.set_pointer(run_dir, "latest", path.name)
         ckpt.fault_point("save-pointer-moved")
         if best:
@@ -369,7 +384,8 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
                       "bits": loss / math.log(2), "lr": float(schedule(s)),
                       "chars_per_s": round((s - step_log) * batches.chars_per_step / max(now - t_log, 1e-9), 1),
                       "elapsed_s": round(now - t_start, 3)}
-            runs.append_metrics(run_dir, record)
+            if main:
+                runs.append_metrics(run_dir, record)
             emit(record)
             log_losses.clear()
             t_log, step_log = now, s
@@ -378,13 +394,12 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
         if end_step is not None and step >= end_step:
             reason = "steps" if cfg.max_steps is not None and step >= cfg.max_steps else "epochs"
             break
-        if deadline is not None and time.monotonic() >= deadline:
-            reason = "minutes"
+        # Every process must agree to stop at the same step (a signal may reach only one).
+        reason = "minutes" if deadline is not None and time.monotonic() >= deadline else should_stop()
+        if dp.any(bool(reason)):
+            reason = reason or "stopped by another process"
             break
-        reason = should_stop()
-        if reason:
-            break
-        x_BxT, y_BxT = batches.batch(step)
+        x_BxT, y_BxT = dp.shard_rows(batches.batch(step, dp.local_rows))
         reset = np.bool_(batches.starts_epoch(step))
         state, carry, metrics = step_fn(state, carry, (x_BxT, y_BxT, reset))
         step += 1
@@ -423,10 +438,17 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
 
 
 def save_train_state(run_dir: Path, state: TrainState, carry, meta: dict) -> Path:
-    """Commit ``state`` and ``carry`` as checkpoint ``ckpt-<step>`` in ``run_dir``."""
-    tensors = runs.to_host({"params": state.params, "opt": state.opt_state, "carry": carry,
-                            "step": state.step, "rng": state.rng})
-    return ckpt.write_checkpoint(run_dir, int(meta["step"]), tensors, meta)
+    """Commit ``state`` and ``carry`` as checkpoint ``ckpt-<step>`` in ``run_dir`` (one process)."""
+    return ckpt.write_checkpoint(run_dir, int(meta["step"]), jax.device_get(train_state_tensors(state, carry)), meta)
+
+
+def train_state_tensors(state: TrainState, carry) -> dict[str, Any]:
+    """The named arrays a checkpoint holds (still on device)."""
+    named = {}
+    for prefix, tree in {"params": state.params, "opt": state.opt_state, "carry": carry,
+                         "step": state.step, "rng": state.rng}.items():
+        named.update(runs.flatten(tree, prefix))
+    return named
 
 
 def load_train_state(run_dir: Path, template: TrainState, carry_template, which: str = "latest"):

@@ -1,0 +1,104 @@
+"""Data parallelism with JAX's own machinery: a ``data`` mesh axis over every device of every
+process, ``jax.distributed`` across hosts, and XLA's collectives for the gradient mean.
+
+One device is the special case of the same code path: a mesh of size one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from charrnn.errors import CharrnnError
+
+log = logging.getLogger(__name__)
+AXIS = "data"
+# A process that stops answering is declared dead after this long, and the others exit with an
+# error instead of waiting forever in a collective.
+HEARTBEAT_S = int(os.environ.get("CHARRNN_HEARTBEAT_S", "30"))
+
+
+def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, auto: bool = False) -> None:
+    """Join a multi-process run through ``jax.distributed.initialize``.
+
+    With ``coordinator`` (``HOST:PORT``), ``num_processes`` and ``process_id`` given explicitly;
+    with ``auto``, JAX detects the cluster (SLURM, Open MPI, TPU pods, or its ``JAX_COORDINATOR_*``
+    environment). Must run before anything touches a device.
+    """
+    if coordinator is None and not auto:
+        return
+    if coordinator is not None and (num_processes is None or process_id is None):
+        raise CharrnnError("--coordinator needs --num-processes and --process-id")
+    try:
+        if coordinator is not None:
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                       process_id=process_id, initialization_timeout=120,
+                                       heartbeat_timeout_seconds=HEARTBEAT_S)
+        else:
+            jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_S)
+    except (RuntimeError, ValueError) as e:
+        raise CharrnnError(f"cannot join the distributed run: {e}") from None
+    log.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(), jax.device_count())
+
+
+class DataParallel:
+    """Placement of training state over a 1-D ``data`` mesh spanning all devices.
+
+    Parameters and optimizer state are replicated; the batch's streams (rows) and the carried
+    hidden state are split over the devices. Each process supplies only the rows its own
+    devices hold.
+    """
+
+    def __init__(self, batch_size: int):
+        devices = jax.devices()
+        n = len(devices)
+        if batch_size % n:
+            raise CharrnnError(f"--batch-size {batch_size} must divide by the number of devices ({n}); "
+                               f"try --batch-size {max(n, batch_size // n * n)}")
+        self.mesh = jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.rows = NamedSharding(self.mesh, P(AXIS))
+        self.batch_size = batch_size
+        per_process = batch_size // jax.process_count()
+        self.local_rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+    @property
+    def is_main(self) -> bool:
+        """Only the first process writes files and prints."""
+        return jax.process_index() == 0
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    def shard_rows(self, tree_local):
+        """Global arrays from this process's rows (leading axis) of every leaf."""
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(self.rows, np.asarray(a)), tree_local)
+
+    def local_part(self, tree_global):
+        """This process's rows of a full-batch tree (e.g. a checkpoint's carried state)."""
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[self.local_rows], tree_global)
+
+    def to_host(self, tree) -> Any:
+        """Every leaf as a full numpy array on every process (gathers rows across processes)."""
+        if jax.process_count() == 1:
+            return jax.device_get(tree)
+        return multihost_utils.process_allgather(tree, tiled=True)
+
+    def local_copy(self, tree):
+        """A replicated tree's local copy on one device of this process (for eval and sampling)."""
+        return jax.tree_util.tree_map(lambda a: a.addressable_data(0), tree)
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (agreeing on when to stop)."""
+        if jax.process_count() == 1:
+            return flag
+        return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))

@@ -1,0 +1,127 @@
+"""Data parallelism on CPU: 4 forced devices and 2 processes train like 1 device; a dead peer is noticed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from charrnn import checkpoint as ckpt
+
+ARGS = ["--hidden", "16", "--layers", "2", "--batch-size", "8", "--seq-len", "16", "--eval-every", "10",
+        "--dropout", "0.1", "--quiet"]
+
+
+def _env(devices: int = 1, **extra) -> dict:
+    env = dict(os.environ, CHARRNN_NO_XLA_CACHE="1", **extra)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _cmd(corpus: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "charrnn.cli", "train", str(corpus), "--out", str(out), *ARGS, *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _params(run: Path) -> dict[str, np.ndarray]:
+    tensors, meta = ckpt.read_checkpoint(ckpt.resolve(run, "latest"))
+    return tensors, meta
+
+
+def _assert_close(a: Path, b: Path):
+    ta, ma = _params(a)
+    tb, mb = _params(b)
+    assert ma["step"] == mb["step"]
+    assert set(ta) == set(tb)
+    for k in ta:
+        np.testing.assert_allclose(tb[k], ta[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "c.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. " * 300, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def one_device(corpus) -> Path:
+    out = corpus.parent / "one"
+    r = subprocess.run(_cmd(corpus, out, "--max-steps", "20"), env=_env(1), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_four_devices_match_one(corpus, one_device, tmp_path):
+    r = subprocess.run(_cmd(corpus, tmp_path / "four", "--max-steps", "20"), env=_env(4),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_close(one_device, tmp_path / "four")
+
+
+def test_resume_on_a_different_number_of_devices(corpus, one_device, tmp_path):
+    out = tmp_path / "mixed"
+    r = subprocess.run(_cmd(corpus, out, "--max-steps", "10"), env=_env(4), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(_cmd(corpus, out, "--max-steps", "20", "--resume"), env=_env(2), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_close(one_device, out)
+
+
+def test_batch_size_must_divide_by_the_devices(corpus, tmp_path):
+    cmd = _cmd(corpus, tmp_path / "r", "--max-steps", "2") + ["--batch-size", "6"]
+    r = subprocess.run(cmd, env=_env(4), capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("charrnn: error: --batch-size 6 must divide by the number of devices (4); "
+                                "try --batch-size 4")
+    assert not (tmp_path / "r").exists()
+
+
+def _two_processes(corpus: Path, out: Path, *extra, env=None):
+    port = _free_port()
+    procs = []
+    for pid in (1, 0):
+        cmd = _cmd(corpus, out, *extra, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                   "--process-id", str(pid))
+        procs.append(subprocess.Popen(cmd, env=env or _env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs[1], procs[0]  # (process 0, process 1)
+
+
+def test_two_processes_train_together_like_one(corpus, one_device, tmp_path):
+    p0, p1 = _two_processes(corpus, tmp_path / "two", "--max-steps", "20")
+    out0, err0 = p0.communicate(timeout=300)
+    out1, err1 = p1.communicate(timeout=300)
+    assert p0.returncode == 0 and p1.returncode == 0, (err0, err1)
+    assert "stopped at step 20" in err0 and "stopped at step" not in err1  # only process 0 reports
+    _assert_close(one_device, tmp_path / "two")
+
+
+def test_a_dead_worker_makes_the_other_exit_instead_of_hanging(corpus, tmp_path):
+    env = _env(1, CHARRNN_HEARTBEAT_S="3")
+    p0, p1 = _two_processes(corpus, tmp_path / "dead", "--max-steps", "1000000", "--eval-every", "1000000",
+                            env=env)
+    metrics = tmp_path / "dead" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+        assert time.monotonic() < deadline and p0.poll() is None, p0.stderr.read() if p0.poll() else "no start"
+        time.sleep(0.1)
+    p1.kill()
+    killed_at = time.monotonic()
+    _, err = p0.communicate(timeout=120)
+    assert p0.returncode != 0
+    assert time.monotonic() - killed_at < 60
+    assert "another task died" in err or "unhealthy" in err
+    p1.communicate()
