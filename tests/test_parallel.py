@@ -18,8 +18,20 @@ ARGS = ["--hidden", "16", "--layers", "2", "--batch-size", "8", "--seq-len", "16
         "--dropout", "0.1", "--quiet"]
 
 
+XLA_CACHE: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    # This module's subprocesses compile the same programs: let them share a cache.
+    XLA_CACHE.append(tmp_path_factory.mktemp("xla-cache"))
+    yield
+    XLA_CACHE.clear()
+
+
 def _env(devices: int = 1, **extra) -> dict:
-    env = dict(os.environ, CHARRNN_NO_XLA_CACHE="1", **extra)
+    env = dict(os.environ, CHARRNN_XLA_CACHE=str(XLA_CACHE[0]), **extra)
+    env.pop("CHARRNN_NO_XLA_CACHE", None)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
