@@ -1,0 +1,276 @@
+"""charrnn's benchmark: training and sampling speed, compile time and memory, side by side with
+an idiomatic PyTorch peer (``pip install -e ".[bench]"``), printed as a table.
+
+    python benchmarks/run.py                      # all configurations, float32
+    python benchmarks/run.py --dtype bfloat16 --configs lstm-2x512
+    python benchmarks/run.py --no-torch --steps 20
+
+Every measurement runs in its own subprocess (so peak RSS is per run and nothing is shared),
+charrnn and PyTorch alternating, and figures are medians over steps after warm-up. The host's
+speed drifts: compare ratios within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    # name: (cell, layers, hidden, seq_len, batch)
+    "char-rnn-default": ("lstm", 2, 128, 50, 50),
+    "lstm-2x512": ("lstm", 2, 512, 100, 64),
+    "gru-2x256": ("gru", 2, 256, 100, 64),
+    "rnn-1x512": ("rnn", 1, 512, 100, 64),
+}
+VOCAB = 65
+SAMPLE_LENGTH = 2000
+HERE = Path(__file__).resolve().parent
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+# --- charrnn workers (run in a subprocess) ---------------------------------------------------
+
+def charrnn_train(cell, layers, hidden, seq_len, batch, steps, dtype):
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(HERE.parent))
+    from charrnn.config import ModelConfig, TrainConfig
+    from charrnn.model import build_model
+    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
+
+    cfg = TrainConfig(batch_size=batch, seq_len=seq_len, dtype=dtype)
+    model = build_model(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, 0)
+    optimizer = make_optimizer(cfg, lr_schedule(cfg, None))
+    graphdef, state = init_state(model, optimizer, 0)
+    carry = model.initial_carry(batch)
+    step_fn = make_train_step(graphdef, optimizer, cfg)
+    rng = np.random.default_rng(0)
+    data = [rng.integers(2, VOCAB, (batch, seq_len + 1)).astype(np.int32) for _ in range(4)]
+    batches = [(d[:, :-1], d[:, 1:], np.bool_(False)) for d in data]
+    t = time.perf_counter()
+    state, carry, m = step_fn(state, carry, batches[0])
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t
+    times = []
+    for i in range(steps + 3):
+        t = time.perf_counter()
+        state, carry, m = step_fn(state, carry, batches[i % 4])
+        jax.block_until_ready(m)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return {"chars_per_s": batch * seq_len / _median(times), "first_step_s": first, "peak_rss_mb": _peak_rss_mb()}
+
+
+def charrnn_sample(cell, layers, hidden, batch, length=SAMPLE_LENGTH):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    sys.path.insert(0, str(HERE.parent))
+    from charrnn import sample as sampler
+    from charrnn.config import ModelConfig
+    from charrnn.model import build_model, split_model
+    from charrnn.vocab import END
+
+    model = build_model(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, 0)
+    graphdef, params = split_model(model)
+
+    def step_fn(c, tok):
+        # Never end early, so every run generates the full length (as the PyTorch loop does).
+        c, logits = nnx.merge(graphdef, params).step(c, tok)
+        return c, logits.at[:, END].set(-jnp.inf)
+
+    prime, generate = sampler.make_sampler(step_fn)
+    controls = sampler.make_controls(VOCAB, 1.0)
+    prompt = sampler.prompt_tokens(np.zeros(0, np.int32), batch)
+
+    def run():
+        n = 0
+        for toks in sampler.generate_stream(prime, generate, model.initial_carry(batch), prompt,
+                                            jax.random.PRNGKey(0), controls, length):
+            n += toks.size
+        return n
+
+    run()  # compile
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return {"chars_per_s": batch * length / _median(times)}
+
+
+def matmul_peak_gflops() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def encode_mb_per_s(megabytes: int = 64) -> float:
+    import tempfile
+
+    import numpy as np
+
+    sys.path.insert(0, str(HERE.parent))
+    from charrnn import data
+
+    rng = np.random.default_rng(0)
+    block = " ".join(rng.choice(["the", "cat", "über", "naïve", "\n", "sat"], 250_000)).encode()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.txt"
+        with open(path, "wb") as f:
+            for _ in range(megabytes):
+                f.write(block[:1 << 20])
+        t = time.perf_counter()
+        corpus = data.load_corpus(str(path))
+        vocab, _ = data.corpus_vocab(corpus, "file")
+        data.encode_corpus(corpus, "file", vocab, Path(d) / "tokens.npy")
+        return megabytes / (time.perf_counter() - t)
+
+
+def _worker(argv):
+    kind, args = argv[0], json.loads(argv[1])
+    if kind == "charrnn-train":
+        out = charrnn_train(**args)
+    elif kind == "charrnn-sample":
+        out = charrnn_sample(**args)
+    elif kind == "torch-train":
+        sys.path.insert(0, str(HERE))
+        import torch_peer
+        out = torch_peer.train_speed(**args)
+    elif kind == "torch-sample":
+        sys.path.insert(0, str(HERE))
+        import torch_peer
+        out = torch_peer.sample_speed(**args)
+    elif kind == "matmul":
+        out = {"gflops": matmul_peak_gflops()}
+    elif kind == "encode":
+        out = {"mb_per_s": encode_mb_per_s()}
+    else:
+        raise SystemExit(f"unknown worker {kind}")
+    print(json.dumps(out))
+
+
+def _run(kind: str, **args) -> dict:
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, __file__, "_worker", kind, json.dumps(args)], capture_output=True,
+                       text=True, env=env)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _have_torch() -> bool:
+    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+
+
+def _fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return f"{x:,.0f}{unit}" if x >= 100 else f"{x:.2f}{unit}"
+
+
+def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        return _worker(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names: " + ", ".join(CONFIGS))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per run")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch threads (match the cores)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    a = p.parse_args(argv)
+    torch = not a.no_torch and _have_torch()
+    if not a.no_torch and not torch:
+        print("PyTorch not installed (pip install -e '.[bench]'): charrnn only", file=sys.stderr)
+    peak = _run("matmul").get("gflops")
+    rows = []
+    for name in a.configs.split(","):
+        cell, layers, hidden, seq_len, batch = CONFIGS[name]
+        sys.stderr.write(f"{name} ...\n")
+        row = {"config": name}
+        c = _run("charrnn-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch,
+                 steps=a.steps, dtype=a.dtype)
+        t = _run("torch-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch,
+                 vocab=VOCAB, steps=a.steps, threads=a.threads, dtype=a.dtype) if torch else {}
+        row.update(train=c.get("chars_per_s"), compile_s=c.get("first_step_s"), rss=c.get("peak_rss_mb"),
+                   torch_train=t.get("chars_per_s"), torch_rss=t.get("peak_rss_mb"), error=c.get("error"))
+        if torch and a.dtype == "bfloat16":
+            row["torch_train_f32"] = _run("torch-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len,
+                                          batch=batch, vocab=VOCAB, steps=a.steps, threads=a.threads,
+                                          dtype="float32").get("chars_per_s")
+        if peak and row["train"]:
+            sys.path.insert(0, str(HERE))
+            from torch_peer import flops_per_char
+
+            row["mfu"] = row["train"] * flops_per_char(cell, layers, hidden, VOCAB) / (peak * 1e9)
+            if row["torch_train"]:
+                row["torch_mfu"] = row["torch_train"] * flops_per_char(cell, layers, hidden, VOCAB) / (peak * 1e9)
+        for b in (1, 32):
+            row[f"sample{b}"] = _run("charrnn-sample", cell=cell, layers=layers, hidden=hidden, batch=b).get(
+                "chars_per_s")
+            if torch:
+                row[f"torch_sample{b}"] = _run("torch-sample", cell=cell, layers=layers, hidden=hidden, batch=b,
+                                               length=SAMPLE_LENGTH, vocab=VOCAB, threads=a.threads).get(
+                    "chars_per_s")
+        rows.append(row)
+
+    def ratio(r, k):
+        return r.get(k) / r.get("torch_" + k) if r.get(k) and r.get("torch_" + k) else None
+
+    print(f"\ncharrnn benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"dtype {a.dtype}, JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
+    head = ["config", "train chars/s", "vs torch", "compile s", "peak RSS MB", "vs torch", "% of peak",
+            "torch % of peak", "sample b=1", "vs torch", "sample b=32", "vs torch"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        rss_ratio = r["rss"] / r["torch_rss"] if r.get("rss") and r.get("torch_rss") else None
+        cells = [r["config"], _fmt(r["train"]), _fmt(ratio(r, "train"), "x"), _fmt(r["compile_s"]), _fmt(r["rss"]),
+                 _fmt(rss_ratio, "x"), _fmt(100 * r["mfu"] if r.get("mfu") else None, "%"),
+                 _fmt(100 * r["torch_mfu"] if r.get("torch_mfu") else None, "%"),
+                 _fmt(r["sample1"]), _fmt(ratio(r, "sample1"), "x"), _fmt(r["sample32"]),
+                 _fmt(ratio(r, "sample32"), "x")]
+        print("| " + " | ".join(cells) + " |")
+        if r.get("torch_train_f32"):
+            print(f"|   vs torch float32 | {_fmt(r['train'] / r['torch_train_f32'], 'x')} |")
+        if r.get("error"):
+            print(f"  {r['config']}: charrnn failed: {r['error']}")
+    enc = _run("encode").get("mb_per_s")
+    print(f"\ncorpus encoding (two streaming passes to a memory-mapped file): {_fmt(enc)} MB/s")
+    if a.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
