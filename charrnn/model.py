@@ -282,7 +282,8 @@ def _scan_layer_bwd(cell, dtype, unroll, res, cotangents):
     h_prev = prevs_TxBxH[-1].reshape(-1, prevs_TxBxH[-1].shape[-1])
     d_hw = tuple(d.reshape(h_prev.shape) for d in d_hw_TxBxH)
     d_w = tuple(_matmul(h_prev.T, d, dtype) for d in d_hw)
-    d_w += tuple(jnp.sum(d, axis=0) for d in d_hw)[:len(w) - len(d_w)]
+    if len(w) > len(d_w):  # the GRU's w also holds b_hh's gate blocks
+        d_w += tuple(jnp.sum(d, axis=0) for d in d_hw)
     return d_w, d_carry0, d_xw_TxBxH, jnp.zeros_like(keep_TxBx1)
 
 
