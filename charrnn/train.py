@@ -24,7 +24,7 @@ from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig
 from charrnn.errors import CharrnnError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn, weighted_nll
 from charrnn.model import CharRNN, build_model, split_model
-from charrnn.vocab import END, START, Vocab
+from charrnn.vocab import END, NUM_SPECIAL, START, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +470,10 @@ def transplant(source_params, target_params, source_vocab_size: int):
     """``target_params`` with every weight copied from ``source_params``.
 
     Tensors whose vocabulary axis grew (the first layer's input rows, the output columns) get
-    the source's rows for the old ids and keep their fresh initialisation for the new ones.
+    the source's rows for the old ids and keep their fresh initialisation for the new ones,
+    except the output bias of a new character: it starts at the source's lowest output bias,
+    as likely as the rarest known character, so the model's loss on old text is where the
+    source run ended instead of paying for characters it has never seen.
     """
     src = runs.flatten(source_params, "p")
     out = {}
@@ -486,5 +489,7 @@ def transplant(source_params, target_params, source_vocab_size: int):
         else:
             raise CharrnnError(f"cannot fine-tune: parameter {name[2:]} has shape {list(s.shape)} in the source "
                                f"run and {list(t.shape)} here")
+        if name == "p/b_out" and t.shape[0] > source_vocab_size:
+            t[source_vocab_size:] = s[NUM_SPECIAL:].min()
         out[name] = jnp.asarray(t)
     return runs.unflatten(target_params, "p", out)
