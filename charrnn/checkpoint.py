@@ -156,7 +156,7 @@ def decode_tensors(path: Path, expected: Optional[Mapping[str, tuple[tuple[int, 
                 raise CheckpointError(f"{where}: header length {hlen} exceeds the file size {size}")
             try:
                 header = json.loads(f.read(hlen).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise CheckpointError(f"{where}: header is not valid JSON ({e})") from None
             base = len(head) + hlen
             if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
@@ -191,7 +191,8 @@ def decode_tensors(path: Path, expected: Optional[Mapping[str, tuple[tuple[int, 
             return out
     except CheckpointError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, OverflowError, struct.error, MemoryError) as e:
+    except (OSError, ValueError, TypeError, KeyError, OverflowError, struct.error, MemoryError,
+            RecursionError) as e:
         raise CheckpointError(f"{where}: cannot read ({type(e).__name__}: {e})") from None
 
 

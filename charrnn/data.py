@@ -181,9 +181,12 @@ def iter_pieces(corpus: Corpus, docs: str) -> Iterator[tuple[str, bool, bool]]:
             continue
         carry = ""
         for chunk in _text_chunks(corpus, content, label):
-            parts = (chunk if not carry else carry + chunk)
-            parts = parts.split("\n") if docs == "line" else _PARAGRAPH_BREAK.split(parts)
+            text = chunk if not carry else carry + chunk
+            parts = text.split("\n") if docs == "line" else _PARAGRAPH_BREAK.split(text)
             carry = parts.pop()
+            if docs == "paragraph" and not carry and len(parts) > 0:
+                # The text ends in a break that may go on in the next chunk: carry the break.
+                carry = text[list(_PARAGRAPH_BREAK.finditer(text))[-1].start():]
             for p in _clean(parts, docs):
                 yield p, True, True
         for p in _clean([carry], docs):

@@ -68,8 +68,10 @@ class Cell(nnx.Module):
         """Input part of the gates: ``x`` is token ids (first layer) or the layer below's output."""
         if self.one_hot:
             # one_hot(x) @ w_ih == w_ih[x]: a row gather instead of a V-wide matmul.
-            return jnp.take(self.w_ih[...], x, axis=0) + self.b_ih[...]
-        return _matmul(x, self.w_ih[...], dtype) + self.b_ih[...]
+            xw = jnp.take(self.w_ih[...], x, axis=0)
+        else:
+            xw = _matmul(x, self.w_ih[...], dtype)
+        return xw + _bias(self.b_ih[...], xw)
 
     def initial_carry(self, batch: int) -> tuple:
         return tuple(jnp.zeros((batch, self.hidden), jnp.float32) for _ in range(self.state_arity))
@@ -326,7 +328,8 @@ class CharRNN(nnx.Module):
         return tuple(c.initial_carry(batch) for c in self.cells)
 
     def logits(self, h, dtype=jnp.float32):
-        return _matmul(h, self.w_out[...], dtype) + self.b_out[...]
+        logits = _matmul(h, self.w_out[...], dtype)
+        return logits + _bias(self.b_out[...], logits)
 
     def __call__(self, carry: Carry, tokens_BxT, *, dropout_key: Optional[Any] = None,
                  dtype=jnp.float32, unroll: int = 1) -> tuple[Carry, Any]:
