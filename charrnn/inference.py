@@ -73,13 +73,10 @@ class Run:
     def num_params(self) -> int:
         return count_params(self.params)
 
-    def _step_fn(self):
-        graphdef, params, dtype = self.graphdef, self.params, self._dtype
-
-        def step_fn(carry, token_B):
-            return nnx.merge(graphdef, params).step(carry, token_B, dtype)
-
-        return step_fn
+    def _sampler_fns(self):
+        if self._sampler is None:
+            self._sampler = sampler.make_sampler(sampler.model_step_fn(self.graphdef, self._dtype))
+        return self._sampler
 
     def check_prime(self, prime: str) -> np.ndarray:
         """Ids of the prime text; ``CharrnnError`` naming any character the model never saw."""
@@ -97,14 +94,12 @@ class Run:
         stops at the end token or after ``config.length`` generated characters.
         """
         prime_ids = self.check_prime(config.prime)
-        if self._sampler is None:
-            self._sampler = sampler.make_sampler(self._step_fn())
-        prime, generate = self._sampler
+        prime, generate = self._sampler_fns()
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         controls = sampler.make_controls(self.vocab.size, config.temperature, config.top_k, config.top_p,
                                          config.greedy)
         prompt = sampler.prompt_tokens(prime_ids, config.num_samples)
-        carry = self.model.initial_carry(config.num_samples)
+        carry = (self.params, self.model.initial_carry(config.num_samples))
         ended = np.zeros(config.num_samples, bool)
         yield [config.prime] * config.num_samples, ended.copy()
         for toks in sampler.generate_stream(prime, generate, carry, prompt, jax.random.PRNGKey(seed),
@@ -142,12 +137,15 @@ class Run:
         if length < 1:
             raise CharrnnError(f"--length must be at least 1, not {length}")
         prime_ids = self.check_prime(prime)
-        if self._sampler is None:
-            self._sampler = sampler.make_sampler(self._step_fn())
-        primed = self._sampler[0](self.model.initial_carry(1), jnp.asarray(sampler.prompt_tokens(prime_ids, 1)),
-                                  jax.random.PRNGKey(0))
-        result = jax.device_get(sampler.make_beam_search(self._step_fn(), beam, length)(
-            primed.carry, primed.logits_BxV))
+        primed = self._sampler_fns()[0]((self.params, self.model.initial_carry(1)),
+                                         jnp.asarray(sampler.prompt_tokens(prime_ids, 1)), jax.random.PRNGKey(0))
+        # Beam search reorders its carry every step, so it closes over the parameters instead.
+        graphdef, params, dtype = self.graphdef, self.params, self._dtype
+
+        def step_fn(state, token_B):
+            return nnx.merge(graphdef, params).step(state, token_B, dtype)
+
+        result = jax.device_get(sampler.make_beam_search(step_fn, beam, length)(primed.carry[1], primed.logits_BxV))
         out = []
         for i in sampler.rank_beams(result, length_penalty):
             row = result.tokens_KxL[i][:int(result.length_K[i])]

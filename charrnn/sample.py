@@ -11,6 +11,7 @@ from typing import Callable, Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from charrnn.vocab import END, START
 
@@ -111,6 +112,22 @@ def generate_stream(prime, generate, carry, prompt_BxP: np.ndarray, key, control
         yield toks
         if bool(np.all(toks == END)) or bool(jax.device_get(state.done_B).all()):
             break
+
+
+def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
+    """A ``step_fn`` for a Flax model whose parameters ride in the carry as ``(params, state)``.
+
+    The parameters are then an input of the compiled sampler, not constants baked into it, so
+    one compilation serves every checkpoint of the same shapes (and a large model does not
+    make a large program).
+    """
+
+    def step_fn(carry, token_B):
+        params, state = carry
+        state, logits_BxV = nnx.merge(graphdef, params).step(state, token_B, dtype)
+        return (params, state), logits_BxV
+
+    return step_fn
 
 
 def prompt_tokens(prime_ids: np.ndarray, num_samples: int) -> np.ndarray:

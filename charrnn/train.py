@@ -290,12 +290,7 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     sample_fns = None
     if cfg.sample_every:
         # Parameters ride in the sampler's carry so one compiled sampler serves every step.
-        def sample_step(c, tok):
-            params, mc = c
-            mc, logits = nnx.merge(graphdef, params).step(mc, tok)
-            return (params, mc), logits
-
-        sample_fns = sample_mod.make_sampler(sample_step)
+        sample_fns = sample_mod.make_sampler(sample_mod.model_step_fn(graphdef))
     eval_fn = make_eval_fn(graphdef, cfg.dtype)
     step = int(state.step)
     have_val = len(val_stream) >= 2
