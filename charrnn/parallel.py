@@ -49,6 +49,13 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     log.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(), jax.device_count())
 
 
+def data_mesh() -> jax.sharding.Mesh:
+    """The 1-D ``data`` mesh over every device of every process (``DataParallel`` places on it,
+    and the train step's ``shard_map`` runs on it)."""
+    return jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices())
+
+
 class DataParallel:
     """Placement of training state over a 1-D ``data`` mesh spanning all devices.
 
@@ -63,7 +70,7 @@ class DataParallel:
         if batch_size % n:
             raise CharrnnError(f"--batch-size {batch_size} must divide by the number of devices ({n}); "
                                f"try --batch-size {max(n, batch_size // n * n)}")
-        self.mesh = jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+        self.mesh = data_mesh()
         self.replicated = NamedSharding(self.mesh, P())
         self.rows = NamedSharding(self.mesh, P(AXIS))
         self.batch_size = batch_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
@@ -93,6 +95,34 @@ def _reset_where(carry, reset):
     return jax.tree_util.tree_map(lambda c: jnp.where(reset, jnp.zeros_like(c), c), carry)
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed large blocks instead of returning them to the kernel.
+
+    XLA:CPU allocates every step's temporaries (tens of MB: the scans' stacked per-step
+    values) afresh. By default glibc serves blocks of 128 KiB and up with ``mmap`` and gives
+    them back on ``free``, so each step touches ~50 MB of new pages: ~12k page faults, the
+    kernel zeroing every page, and the first write to each buffer running at a few GB/s. Kept
+    in the heap, the same memory is reused step after step (measured: 12.4k -> 0 faults per
+    LSTM 2x128 step). The process keeps its peak footprint; nothing else changes. A no-op
+    where the C library is not glibc.
+    """
+    if _keep_freed_memory.done:
+        return
+    _keep_freed_memory.done = True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
+    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    mallopt(M_TOP_PAD, 16 << 20)
+
+
+_keep_freed_memory.done = False
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
                     *, unroll: int = 1, jit: bool = True):
     """Build ``train_step(state, carry, batch) -> (state, carry, metrics)``.
@@ -101,20 +131,40 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     start). The loss is the mean cross-entropy in nats over the targets that are characters or
     the end token (a start token always follows an end token, so it is not scored). A step whose
     loss or gradient is not finite changes nothing but the bad-step counter, and resets the carry.
+
+    With more than one device the step runs under ``shard_map`` on ``parallel.data_mesh()``
+    (state replicated, batch rows and carry split, as ``parallel.DataParallel`` places them):
+    each device runs the forward and backward pass on its own rows and the gradients are
+    summed with one ``psum`` per step; every device then applies the same update. (Left to
+    automatic sharding, the same program ran the devices nearly in lockstep and gained ~10%;
+    with ``shard_map`` two CPU devices on two cores train ~1.9x as fast as one.) The loss is
+    the same function of the whole batch as on one device, dropout masks included.
     """
+    _keep_freed_memory()
     dtype = compute_dtype(cfg.dtype)
-    def loss_fn(params, carry, x_BxT, y_BxT, key):
+    mesh = parallel.data_mesh()
+    split = mesh.size > 1
+
+    def loss_fn(params, carry, x_BxT, y_BxT, key, count, rows):
         model = nnx.merge(graphdef, params)
-        carry, logits_BxTxV = model(carry, x_BxT, dropout_key=key, dtype=dtype, unroll=unroll)
-        total, count = weighted_nll(logits_BxTxV, y_BxT, (y_BxT != START).astype(jnp.float32))
+        carry, logits_BxTxV = model(carry, x_BxT, dropout_key=key, dtype=dtype, unroll=unroll,
+                                    dropout_rows=rows)
+        total, _ = weighted_nll(logits_BxTxV, y_BxT, (y_BxT != START).astype(jnp.float32))
         return total / jnp.maximum(count, 1.0), carry
 
     def train_step(state: TrainState, carry, batch):
         x_BxT, y_BxT, reset = batch
         carry = _reset_where(carry, reset)
         key = jax.random.fold_in(state.rng, state.step)
+        count = jnp.sum((y_BxT != START).astype(jnp.float32))
+        rows = None
+        if split:  # this device's rows of the whole batch; the loss is over the whole batch
+            count = jax.lax.psum(count, parallel.AXIS)
+            rows = (jax.lax.axis_index(parallel.AXIS) * x_BxT.shape[0], x_BxT.shape[0] * mesh.size)
         (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, carry, x_BxT, y_BxT, key)
+            state.params, carry, x_BxT, y_BxT, key, count, rows)
+        if split:
+            loss, grads = jax.lax.psum((loss, grads), parallel.AXIS)
         new_carry = jax.lax.stop_gradient(new_carry)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -131,6 +181,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
         metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
         return state, new_carry, metrics
 
+    if split:
+        rows_spec = P(parallel.AXIS)
+        # check_vma=False: the replicated outputs (state, metrics) are computed from psum'd
+        # values, so they are equal on every device; the check cannot see through the
+        # cells' custom_vjp.
+        train_step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), rows_spec, (rows_spec, rows_spec, P())),
+                                   out_specs=(P(), rows_spec, P()), check_vma=False)
     return jax.jit(train_step, donate_argnums=(0, 1)) if jit else train_step
 
 
