@@ -52,17 +52,20 @@ def charrnn_train(cell, layers, hidden, seq_len, batch, steps, dtype):
     sys.path.insert(0, str(HERE.parent))
     from charrnn.config import ModelConfig, TrainConfig
     from charrnn.model import build_model
+    from charrnn.parallel import DataParallel
     from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
 
     cfg = TrainConfig(batch_size=batch, seq_len=seq_len, dtype=dtype)
     model = build_model(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, 0)
     optimizer = make_optimizer(cfg, lr_schedule(cfg, None))
     graphdef, state = init_state(model, optimizer, 0)
-    carry = model.initial_carry(batch)
+    dp = DataParallel(batch)  # as `charrnn train` places things: one device is a mesh of one
+    state = dp.replicate(state)
+    carry = dp.shard_rows(model.initial_carry(batch))
     step_fn = make_train_step(graphdef, optimizer, cfg)
     rng = np.random.default_rng(0)
     data = [rng.integers(2, VOCAB, (batch, seq_len + 1)).astype(np.int32) for _ in range(4)]
-    batches = [(d[:, :-1], d[:, 1:], np.bool_(False)) for d in data]
+    batches = [(dp.shard_rows(d[:, :-1]), dp.shard_rows(d[:, 1:]), np.bool_(False)) for d in data]
     t = time.perf_counter()
     state, carry, m = step_fn(state, carry, batches[0])
     jax.block_until_ready(m)
@@ -178,8 +181,14 @@ def _worker(argv):
     print(json.dumps(out))
 
 
+CPU_DEVICES = [1]
+
+
 def _run(kind: str, **args) -> dict:
     env = dict(os.environ)
+    if kind.startswith("charrnn") and CPU_DEVICES[0] > 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={CPU_DEVICES[0]}").strip()
     r = subprocess.run([sys.executable, __file__, "_worker", kind, json.dumps(args)], capture_output=True,
                        text=True, env=env)
     if r.returncode != 0:
@@ -209,7 +218,10 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--threads", type=int, default=2, help="PyTorch threads (match the cores)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="train charrnn data-parallel over this many CPU devices (one per core)")
     a = p.parse_args(argv)
+    CPU_DEVICES[0] = a.cpu_devices
     torch = not a.no_torch and _have_torch()
     if not a.no_torch and not torch:
         print("PyTorch not installed (pip install -e '.[bench]'): charrnn only", file=sys.stderr)
@@ -249,7 +261,7 @@ def main(argv=None):
         return r.get(k) / r.get("torch_" + k) if r.get(k) and r.get("torch_" + k) else None
 
     print(f"\ncharrnn benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"dtype {a.dtype}, JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
+          f"dtype {a.dtype}, charrnn on {a.cpu_devices} CPU device(s), JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
     head = ["config", "train chars/s", "vs torch", "compile s", "peak RSS MB", "vs torch", "% of peak",
             "torch % of peak", "sample b=1", "vs torch", "sample b=32", "vs torch"]
     print("| " + " | ".join(head) + " |")
