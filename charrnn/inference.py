@@ -211,6 +211,16 @@ def load(run, checkpoint: str = "best") -> Run:
     config, vocab = runs.read_run_files(run_dir)
     _, params_template = split_model(abstract_model(config.model, vocab.size))
     expected = runs.expected_shapes({"params": params_template})
-    tensors, meta = ckpt.read_checkpoint(ck_dir, expected, partial=True)
+    for attempt in range(10):
+        try:
+            tensors, meta = ckpt.read_checkpoint(ck_dir, expected, partial=True)
+            break
+        except CheckpointError:
+            # A run being trained may commit a newer checkpoint and retire this one while we
+            # read it: if the pointer moved on, read the new one instead.
+            newer = ckpt.resolve(path, checkpoint)
+            if attempt == 9 or newer == ck_dir:
+                raise
+            ck_dir = newer
     params = jax.tree_util.tree_map(jnp.asarray, runs.unflatten(params_template, "params", tensors))
     return Run(run_dir, config, vocab, ck_dir, params, meta)
