@@ -95,14 +95,6 @@ def _manifest(change):
     return edit
 
 
-def _meta(change):
-    def edit(ck):
-        m = json.loads((ck / ckpt.META_FILE).read_text())
-        change(m)
-        (ck / ckpt.META_FILE).write_text(json.dumps(m))
-    return edit
-
-
 def _drop_tensor(name):
     def edit(ck):
         tensors = ckpt.decode_tensors(ck / ckpt.STATE_FILE)
