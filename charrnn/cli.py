@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional

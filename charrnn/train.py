@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig
 from charrnn.errors import CharrnnError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn, weighted_nll
 from charrnn.model import CharRNN, build_model, split_model
-from charrnn.vocab import END, NUM_SPECIAL, START, Vocab
+from charrnn.vocab import END, NUM_SPECIAL, START
 
 log = logging.getLogger(__name__)
 
@@ -494,19 +493,22 @@ def save_train_state(run_dir: Path, state: TrainState, carry, meta: dict) -> Pat
     return ckpt.write_checkpoint(run_dir, int(meta["step"]), jax.device_get(train_state_tensors(state, carry)), meta)
 
 
+def _checkpoint_parts(state: TrainState, carry) -> dict[str, Any]:
+    """What a checkpoint holds, by tensor-name prefix (one list for saving and loading)."""
+    return {"params": state.params, "opt": state.opt_state, "carry": carry, "step": state.step, "rng": state.rng}
+
+
 def train_state_tensors(state: TrainState, carry) -> dict[str, Any]:
     """The named arrays a checkpoint holds (still on device)."""
     named = {}
-    for prefix, tree in {"params": state.params, "opt": state.opt_state, "carry": carry,
-                         "step": state.step, "rng": state.rng}.items():
+    for prefix, tree in _checkpoint_parts(state, carry).items():
         named.update(runs.flatten(tree, prefix))
     return named
 
 
 def load_train_state(run_dir: Path, template: TrainState, carry_template, which: str = "latest"):
     """Restore ``(state, carry, meta)`` from a run's checkpoint, validated against the templates."""
-    parts = {"params": template.params, "opt": template.opt_state, "carry": carry_template,
-             "step": template.step, "rng": template.rng}
+    parts = _checkpoint_parts(template, carry_template)
     path = ckpt.resolve(run_dir, which)
     tensors, meta = ckpt.read_checkpoint(path, runs.expected_shapes(parts))
     restored = {k: runs.unflatten(v, k, tensors) for k, v in parts.items()}
