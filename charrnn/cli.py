@@ -175,6 +175,12 @@ class SignalStop:
         return self.reason
 
 
+def _devices_text(e: dict) -> str:
+    n, platform = e.get("devices", 1), e.get("platform", "cpu")
+    name = platform.upper() if platform in ("gpu", "tpu", "cpu") else platform
+    return f"{n} {name} device{'s' if n != 1 else ''}"
+
+
 class TrainProgress:
     """Turns the library's training events into a tqdm bar and a few printed lines."""
 
@@ -192,7 +198,8 @@ class TrainProgress:
         if kind == "start":
             if not self.quiet:
                 click.echo(f"training on {e['train_chars']:,} chars ({e['val_chars']:,} for validation), "
-                           f"vocabulary {e['vocab_size']}, {e['params']:,} parameters -> {e['run_dir']}", err=True)
+                           f"vocabulary {e['vocab_size']}, {e['params']:,} parameters, "
+                           f"{_devices_text(e)} -> {e['run_dir']}", err=True)
             self.bar = tqdm(total=e["total_steps"], initial=e["step"], unit="step", dynamic_ncols=True,
                             disable=self.quiet, mininterval=0.5, file=sys.stderr)
         elif kind == "step":
@@ -244,10 +251,13 @@ class TrainProgress:
 @click.option("--num-processes", type=int, help="Multi-process training: how many processes.")
 @click.option("--process-id", type=int, help="Multi-process training: this process's index.")
 @click.option("--distributed", is_flag=True, help="Multi-process training, detected from the cluster (SLURM, ...).")
+@click.option("--cpu-devices", type=click.IntRange(min=1), default=None,
+              help="On CPU, split the machine into N data-parallel devices [default: one per core, "
+                   "when the batch divides evenly with at least 8 streams each].")
 @_config_options
 def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_from: Optional[str],
           cache_dir: Optional[str], quiet: bool, coordinator: Optional[str], num_processes: Optional[int],
-          process_id: Optional[int], distributed: bool, **options) -> int:
+          process_id: Optional[int], distributed: bool, cpu_devices: Optional[int], **options) -> int:
     """Train a model on CORPUS: a text file, a directory of text files, or a corpus name.
 
     Writes config.json, vocab.json, metrics.jsonl and checkpoints into the run directory.
@@ -256,6 +266,18 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
     from charrnn import parallel, runs
     from charrnn.train import train as train_run
 
+    if resume:
+        if not out:
+            raise CharrnnError("--resume needs --out RUN_DIR naming the run to continue")
+        saved, _ = runs.read_run_files(Path(out))
+        config = build_run_config(options, saved)
+    else:
+        config = build_run_config(options)
+    multi_process = coordinator is not None or distributed
+    if cpu_devices is None and not multi_process:
+        cpu_devices = parallel.auto_cpu_devices(config.train.batch_size)
+    if cpu_devices is not None:
+        parallel.use_cpu_devices(cpu_devices)  # before anything starts JAX's backends
     parallel.initialize(coordinator, num_processes, process_id, auto=distributed)
     import jax
 
@@ -264,13 +286,6 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
 
     if cache_dir:
         os.environ["CHARRNN_CACHE"] = cache_dir
-    if resume:
-        if not out:
-            raise CharrnnError("--resume needs --out RUN_DIR naming the run to continue")
-        saved, _ = runs.read_run_files(Path(out))
-        config = build_run_config(options, saved)
-    else:
-        config = build_run_config(options)
     progress = TrainProgress(quiet)
     try:
         with SignalStop() as stop:

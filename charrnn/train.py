@@ -353,6 +353,7 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     emit({"event": "start", "run_dir": str(run_dir), "step": step, "total_steps": end_step,
           "steps_per_epoch": batches.steps_per_epoch, "chars_per_step": batches.chars_per_step,
           "train_chars": len(train_stream), "val_chars": len(val_stream), "vocab_size": vocab.size,
+          "devices": jax.device_count(), "platform": jax.devices()[0].platform,
           "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))})
 
     def evaluate() -> dict:

@@ -17,6 +17,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Start JAX's backends now, with the devices the environment asks for: `charrnn train` run
+# in-process (click's test runner) would otherwise split the CPU into one device per core for
+# the rest of the session when its batch is large enough (see parallel.auto_cpu_devices).
+jax.devices()
 
 # Every `charrnn.train` call jits a fresh step function; runs with the same shapes and settings
 # lower to the same program, so a session-local persistent cache turns their recompiles (seconds

@@ -101,6 +101,39 @@ def test_batch_size_must_divide_by_the_devices(corpus, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_auto_cpu_devices_is_one_per_core_when_the_batch_divides_evenly():
+    from charrnn.parallel import auto_cpu_devices
+
+    # (batch, cores) -> devices: at least 8 streams per device, and the batch must divide.
+    cases = {(50, 2): 2, (64, 2): 2, (16, 2): 2, (15, 2): 1, (17, 2): 1, (8, 2): 1, (1, 2): 1,
+             (64, 1): 1, (64, 16): 8, (50, 16): 5, (96, 4): 4, (100, 8): 5}
+    assert {k: auto_cpu_devices(*k) for k in cases} == cases
+
+
+def _env_without_forced_devices() -> dict:
+    env = _env(1)
+    env.pop("XLA_FLAGS")
+    return env
+
+
+def test_cpu_devices_option_splits_the_cpu_and_trains_like_one_device(corpus, one_device, tmp_path):
+    cmd = [a for a in _cmd(corpus, tmp_path / "split", "--max-steps", "20", "--cpu-devices", "2")
+           if a != "--quiet"]
+    r = subprocess.run(cmd, env=_env_without_forced_devices(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "parameters, 2 CPU devices ->" in r.stderr
+    _assert_close(one_device, tmp_path / "split")
+
+
+def test_cpu_devices_that_do_not_divide_the_batch_are_refused(corpus, tmp_path):
+    cmd = _cmd(corpus, tmp_path / "r", "--max-steps", "2", "--cpu-devices", "3")
+    r = subprocess.run(cmd, env=_env_without_forced_devices(), capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("charrnn: error: --batch-size 8 must divide by the number of devices (3); "
+                                "try --batch-size 6")
+    assert not (tmp_path / "r").exists()
+
+
 def _two_processes(corpus: Path, out: Path, *extra, env=None):
     port = _free_port()
     procs = []
