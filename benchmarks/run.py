@@ -158,6 +158,48 @@ def encode_mb_per_s(megabytes: int = 64) -> float:
         return megabytes / (time.perf_counter() - t)
 
 
+def first_sample_seconds(runs: int = 3) -> dict:
+    """Seconds from starting ``charrnn sample RUN`` to its first generated character on stdout,
+    with an empty (cold) and a filled (warm) XLA compilation cache; medians over ``runs``.
+
+    The run is the default model (LSTM 2x128) trained for 2 steps on a small text: sampling
+    does not care how well it was trained.
+    """
+    import select
+    import statistics
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "corpus.txt").write_text("It was the best of times, it was the worst of times.\n" * 400)
+        env = dict(os.environ, CHARRNN_XLA_CACHE=str(d / "xla"))
+        cli = [sys.executable, str(HERE.parent / "cli.py")]
+        subprocess.run(cli + ["train", str(d / "corpus.txt"), "--out", str(d / "run"), "--max-steps", "2",
+                              "--quiet"], env=env, check=True, capture_output=True)
+
+        def once(cache: Path) -> float:
+            env["CHARRNN_XLA_CACHE"] = str(cache)
+            t = time.perf_counter()
+            p = subprocess.Popen(cli + ["sample", str(d / "run"), "--prime", "It", "--length", "300", "--seed", "0"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            got = b""
+            while len(got) <= len(b"It"):  # the prime is printed first, then generated text
+                select.select([p.stdout], [], [])
+                chunk = os.read(p.stdout.fileno(), 1)
+                if not chunk:
+                    break
+                got += chunk
+            elapsed = time.perf_counter() - t
+            p.communicate()
+            return elapsed
+
+        cold = [once(d / f"cold-{i}") for i in range(runs)]
+        warm_cache = d / "warm"
+        once(warm_cache)
+        warm = [once(warm_cache) for _ in range(runs)]
+        return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm)}
+
+
 def _worker(argv):
     kind, args = argv[0], json.loads(argv[1])
     if kind == "charrnn-train":
@@ -174,6 +216,8 @@ def _worker(argv):
         out = torch_peer.sample_speed(**args)
     elif kind == "matmul":
         out = {"gflops": matmul_peak_gflops()}
+    elif kind == "first-sample":
+        out = first_sample_seconds()
     elif kind == "encode":
         out = {"mb_per_s": encode_mb_per_s()}
     else:
@@ -194,6 +238,15 @@ def _run(kind: str, **args) -> dict:
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _devices_for(option: str, batch: int) -> int:
+    if option != "auto":
+        return int(option)
+    sys.path.insert(0, str(HERE.parent))
+    from charrnn.parallel import auto_cpu_devices
+
+    return auto_cpu_devices(batch)
 
 
 def _have_torch() -> bool:
@@ -218,10 +271,10 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--threads", type=int, default=2, help="PyTorch threads (match the cores)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
-    p.add_argument("--cpu-devices", type=int, default=1,
-                   help="train charrnn data-parallel over this many CPU devices (one per core)")
+    p.add_argument("--cpu-devices", default="auto",
+                   help="train charrnn data-parallel over this many CPU devices; 'auto' (the default) "
+                        "chooses as `charrnn train` does: one per core when the batch divides evenly")
     a = p.parse_args(argv)
-    CPU_DEVICES[0] = a.cpu_devices
     torch = not a.no_torch and _have_torch()
     if not a.no_torch and not torch:
         print("PyTorch not installed (pip install -e '.[bench]'): charrnn only", file=sys.stderr)
@@ -231,6 +284,8 @@ def main(argv=None):
         cell, layers, hidden, seq_len, batch = CONFIGS[name]
         sys.stderr.write(f"{name} ...\n")
         row = {"config": name}
+        CPU_DEVICES[0] = _devices_for(a.cpu_devices, batch)
+        row["devices"] = CPU_DEVICES[0]
         c = _run("charrnn-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch,
                  steps=a.steps, dtype=a.dtype)
         t = _run("torch-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch,
@@ -261,14 +316,14 @@ def main(argv=None):
         return r.get(k) / r.get("torch_" + k) if r.get(k) and r.get("torch_" + k) else None
 
     print(f"\ncharrnn benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"dtype {a.dtype}, charrnn on {a.cpu_devices} CPU device(s), JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
-    head = ["config", "train chars/s", "vs torch", "compile s", "peak RSS MB", "vs torch", "% of peak",
+          f"dtype {a.dtype}, JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
+    head = ["config", "devices", "train chars/s", "vs torch", "compile s", "peak RSS MB", "vs torch", "% of peak",
             "torch % of peak", "sample b=1", "vs torch", "sample b=32", "vs torch"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         rss_ratio = r["rss"] / r["torch_rss"] if r.get("rss") and r.get("torch_rss") else None
-        cells = [r["config"], _fmt(r["train"]), _fmt(ratio(r, "train"), "x"), _fmt(r["compile_s"]), _fmt(r["rss"]),
+        cells = [r["config"], str(r["devices"]), _fmt(r["train"]), _fmt(ratio(r, "train"), "x"), _fmt(r["compile_s"]), _fmt(r["rss"]),
                  _fmt(rss_ratio, "x"), _fmt(100 * r["mfu"] if r.get("mfu") else None, "%"),
                  _fmt(100 * r["torch_mfu"] if r.get("torch_mfu") else None, "%"),
                  _fmt(r["sample1"]), _fmt(ratio(r, "sample1"), "x"), _fmt(r["sample32"]),
@@ -280,6 +335,10 @@ def main(argv=None):
             print(f"  {r['config']}: charrnn failed: {r['error']}")
     enc = _run("encode").get("mb_per_s")
     print(f"\ncorpus encoding (two streaming passes to a memory-mapped file): {_fmt(enc)} MB/s")
+    first = _run("first-sample")
+    if "error" not in first:
+        print(f"`charrnn sample RUN` to its first generated character: {first['warm_s']:.2f} s with a warm "
+              f"compilation cache, {first['cold_s']:.2f} s cold")
     if a.json:
         print(json.dumps(rows))
 

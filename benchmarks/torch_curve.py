@@ -1,0 +1,106 @@
+"""PyTorch's quality-per-minute curve on tinyshakespeare, for comparison with charrnn's recipe.
+
+The same data as ``charrnn train``: characters plus start/end tokens, the last 10% of the
+stream held out, the training text laid out as ``batch`` parallel streams read ``seq_len``
+characters at a time with the hidden state carried across batches (detached). The model is
+the benchmark's PyTorch peer (``torch_peer.CharRNN``: ``nn.LSTM``/``nn.GRU`` over one-hot
+input, a linear head), Adam with global-norm clipping 5, optional dropout between layers.
+Validation loss (nats/char over the whole held-out tenth, 64 streams) is printed as one JSON
+line per evaluation, with the minutes of training so far (evaluation time excluded).
+
+    python benchmarks/torch_curve.py ../shared/corpora/tinyshakespeare.txt --minutes 10 \\
+        --hidden 256 --batch 64 --seq-len 100 --lr 2e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torch_peer import CharRNN, _detach  # noqa: E402
+
+
+def encode(text: str):
+    chars = sorted(set(text))
+    ids = {c: i + 2 for i, c in enumerate(chars)}  # 0 start, 1 end, as charrnn
+    stream = np.array([0] + [ids[c] for c in text] + [1], dtype=np.int64)
+    return stream, len(chars) + 2
+
+
+@torch.no_grad()
+def val_loss(model, stream: np.ndarray, streams: int, seq_len: int) -> float:
+    model.eval()
+    n = (len(stream) - 1) // streams
+    x = torch.from_numpy(stream[:n * streams].reshape(streams, n))
+    y = torch.from_numpy(stream[1:n * streams + 1].reshape(streams, n))
+    h, total, count = None, 0.0, 0
+    for t in range(0, n, seq_len):
+        logits, h = model(x[:, t:t + seq_len], h)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, t:t + seq_len].reshape(-1),
+                                 reduction="sum").item()
+        count += y[:, t:t + seq_len].numel()
+    model.train()
+    return total / count
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("corpus")
+    p.add_argument("--minutes", type=float, default=10)
+    p.add_argument("--cell", default="lstm")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=100)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    stream, vocab = encode(Path(a.corpus).read_text(encoding="utf-8"))
+    n_val = int(len(stream) * 0.1)
+    train, val = stream[:-n_val], stream[-n_val:]
+    model = CharRNN(a.cell, a.layers, a.hidden, vocab)
+    if a.dropout:
+        model.rnn.dropout = a.dropout
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    per_row = (len(train) - 1) // a.batch
+    rows_x = torch.from_numpy(train[:per_row * a.batch].reshape(a.batch, per_row))
+    rows_y = torch.from_numpy(train[1:per_row * a.batch + 1].reshape(a.batch, per_row))
+    steps_per_epoch = per_row // a.seq_len
+    h, trained_s, step = None, 0.0, 0
+    while trained_s < a.minutes * 60:
+        t0 = time.perf_counter()
+        i = step % steps_per_epoch
+        if i == 0:
+            h = None
+        sl = slice(i * a.seq_len, (i + 1) * a.seq_len)
+        logits, h = model(rows_x[:, sl], h)
+        h = _detach(h)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), rows_y[:, sl].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        step += 1
+        trained_s += time.perf_counter() - t0
+        if step % a.eval_every == 0 or trained_s >= a.minutes * 60:
+            v = val_loss(model, val, 64, a.seq_len)
+            print(json.dumps({"step": step, "minutes": round(trained_s / 60, 2), "chars": step * a.batch * a.seq_len,
+                              "train_loss": round(loss.item(), 4), "val_loss": round(v, 4),
+                              "val_bits": round(v / math.log(2), 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
