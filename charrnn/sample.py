@@ -41,6 +41,13 @@ def filter_logits(logits_BxV, controls: Controls):
     The start token is never a valid output. Ties at a threshold are all kept.
     """
     logits_BxV = logits_BxV.at[:, START].set(-jnp.inf) / controls.temperature
+    # Sorting every row at every step is most of a small model's sampling step on CPU: skip it
+    # unless top-k or top-p can remove something (without them it would remove nothing).
+    active = (controls.top_k < logits_BxV.shape[-1]) | (controls.top_p < 1.0)
+    return jax.lax.cond(active, _top_k_top_p, lambda logits, _: logits, logits_BxV, controls)
+
+
+def _top_k_top_p(logits_BxV, controls: Controls):
     sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
     kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, controls.top_k - 1, 1, axis=-1)
     sorted_BxV = jnp.where(sorted_BxV < kth_Bx1, -jnp.inf, sorted_BxV)

@@ -160,6 +160,20 @@ def test_filter_logits_exact_sets():
     assert np.asarray(out).tolist() == [[-np.inf, 2.0, 4.0, 6.0, 8.0, 10.0]]
 
 
+def test_skipping_the_sort_without_top_k_or_top_p_changes_nothing():
+    """filter_logits skips sorting when neither top-k nor top-p is set; the sort would have
+    removed nothing (ties and -inf included)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (16, 9)).astype(np.float32)
+    logits[::3, 4] = logits[::3, 5]  # ties
+    logits[1, 6] = -np.inf
+    base = jnp.asarray(logits).at[:, START].set(-jnp.inf) / 0.7
+    full = jax.jit(sampler._top_k_top_p)(base, sampler.make_controls(9, temperature=0.7))
+    skipped = FILTER(jnp.asarray(logits), sampler.make_controls(9, temperature=0.7))
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(base))
+    np.testing.assert_array_equal(np.asarray(skipped), np.asarray(base))
+
+
 def test_prompt_tokens():
     p = sampler.prompt_tokens(np.array([5, 6], np.int32), 3)
     assert p.dtype == np.int32 and p.tolist() == [[START, 5, 6]] * 3
