@@ -64,10 +64,11 @@ def auto_cpu_devices(batch_size: int, cores: Optional[int] = None) -> int:
 
     On CPU, XLA runs each time step of a recurrent loop as a chain of small operations that one
     core cannot keep busy with another's help (intra-op threads barely help matmuls this small),
-    while two devices each running half the streams on their own core nearly double the work
-    done (measured on 2 cores, LSTM 2x128: ~41k -> ~57k chars/s; RNN 1x512: ~46k -> ~61k;
-    LSTM 2x512: ~4.0k -> ~4.9k). So: one device per core, as long as the batch divides evenly
-    and every device keeps at least ``MIN_ROWS_PER_DEVICE`` streams.
+    while two devices each running half the streams on their own core do more (measured on 2
+    cores, LSTM 2x128: ~41k -> ~57k chars/s; RNN 1x512: ~46k -> ~61k; LSTM 2x512: ~4.0k ->
+    ~4.9k; not 2x: the devices wait for each other at the gradient all-reduce). So: one device
+    per core, as long as the batch divides evenly and every device keeps at least
+    ``MIN_ROWS_PER_DEVICE`` streams.
     """
     cores = cores or usable_cores()
     for n in range(min(cores, batch_size // MIN_ROWS_PER_DEVICE), 1, -1):
