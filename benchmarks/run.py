@@ -80,13 +80,14 @@ def charrnn_train(cell, layers, hidden, seq_len, batch, steps, dtype):
     return {"chars_per_s": batch * seq_len / _median(times), "first_step_s": first, "peak_rss_mb": _peak_rss_mb()}
 
 
-def charrnn_sample(cell, layers, hidden, batch, length=SAMPLE_LENGTH):
+def charrnn_sample(cell, layers, hidden, batch, devices=1, length=SAMPLE_LENGTH):
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     sys.path.insert(0, str(HERE.parent))
+    from charrnn import parallel
     from charrnn import sample as sampler
     from charrnn.config import ModelConfig
     from charrnn.model import build_model, split_model
@@ -95,18 +96,22 @@ def charrnn_sample(cell, layers, hidden, batch, length=SAMPLE_LENGTH):
     model = build_model(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, 0)
     graphdef, params = split_model(model)
 
-    def step_fn(c, tok):
-        # Never end early, so every run generates the full length (as the PyTorch loop does).
+    def step_fn(carry, tok):
+        # As sample.model_step_fn (parameters in the carry), but never ending early, so every
+        # run generates the full length (as the PyTorch loop does).
+        params, c = carry
         c, logits = nnx.merge(graphdef, params).step(c, tok)
-        return c, logits.at[:, END].set(-jnp.inf)
+        return (params, c), logits.at[:, END].set(-jnp.inf)
 
-    prime, generate = sampler.make_sampler(step_fn)
+    # As `charrnn sample` does: rows split over CPU devices where parallel.sampling_devices says.
+    mesh = parallel.local_mesh(devices) if devices > 1 else None
+    prime, generate = sampler.make_sampler(step_fn, mesh=mesh)
     controls = sampler.make_controls(VOCAB, 1.0)
     prompt = sampler.prompt_tokens(np.zeros(0, np.int32), batch)
 
     def run():
         n = 0
-        for toks in sampler.generate_stream(prime, generate, model.initial_carry(batch), prompt,
+        for toks in sampler.generate_stream(prime, generate, (params, model.initial_carry(batch)), prompt,
                                             jax.random.PRNGKey(0), controls, length):
             n += toks.size
         return n
@@ -249,6 +254,15 @@ def _devices_for(option: str, batch: int) -> int:
     return auto_cpu_devices(batch)
 
 
+def _sample_devices_for(option: str, cell: str, layers: int, hidden: int, batch: int) -> int:
+    if option != "auto":
+        return int(option) if batch % int(option) == 0 else 1
+    sys.path.insert(0, str(HERE.parent))
+    from charrnn.parallel import sampling_devices, step_weight_bytes
+
+    return sampling_devices(batch, step_weight_bytes(cell, layers, hidden, VOCAB))
+
+
 def _have_torch() -> bool:
     return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
 
@@ -272,8 +286,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="PyTorch threads (match the cores)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
     p.add_argument("--cpu-devices", default="auto",
-                   help="train charrnn data-parallel over this many CPU devices; 'auto' (the default) "
-                        "chooses as `charrnn train` does: one per core when the batch divides evenly")
+                   help="run charrnn data-parallel over this many CPU devices; 'auto' (the default) "
+                        "chooses as `charrnn train` and `charrnn sample` do")
     a = p.parse_args(argv)
     torch = not a.no_torch and _have_torch()
     if not a.no_torch and not torch:
@@ -304,8 +318,10 @@ def main(argv=None):
             if row["torch_train"]:
                 row["torch_mfu"] = row["torch_train"] * flops_per_char(cell, layers, hidden, VOCAB) / (peak * 1e9)
         for b in (1, 32):
-            row[f"sample{b}"] = _run("charrnn-sample", cell=cell, layers=layers, hidden=hidden, batch=b).get(
-                "chars_per_s")
+            CPU_DEVICES[0] = _sample_devices_for(a.cpu_devices, cell, layers, hidden, b)
+            row[f"sample{b}_devices"] = CPU_DEVICES[0]
+            row[f"sample{b}"] = _run("charrnn-sample", cell=cell, layers=layers, hidden=hidden, batch=b,
+                                     devices=CPU_DEVICES[0]).get("chars_per_s")
             if torch:
                 row[f"torch_sample{b}"] = _run("torch-sample", cell=cell, layers=layers, hidden=hidden, batch=b,
                                                length=SAMPLE_LENGTH, vocab=VOCAB, threads=a.threads).get(
@@ -318,7 +334,7 @@ def main(argv=None):
     print(f"\ncharrnn benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"dtype {a.dtype}, JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
     head = ["config", "devices", "train chars/s", "vs torch", "compile s", "peak RSS MB", "vs torch", "% of peak",
-            "torch % of peak", "sample b=1", "vs torch", "sample b=32", "vs torch"]
+            "torch % of peak", "sample b=1", "vs torch", "sample b=32", "devices", "vs torch"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -327,7 +343,7 @@ def main(argv=None):
                  _fmt(rss_ratio, "x"), _fmt(100 * r["mfu"] if r.get("mfu") else None, "%"),
                  _fmt(100 * r["torch_mfu"] if r.get("torch_mfu") else None, "%"),
                  _fmt(r["sample1"]), _fmt(ratio(r, "sample1"), "x"), _fmt(r["sample32"]),
-                 _fmt(ratio(r, "sample32"), "x")]
+                 str(r["sample32_devices"]), _fmt(ratio(r, "sample32"), "x")]
         print("| " + " | ".join(cells) + " |")
         if r.get("torch_train_f32"):
             print(f"|   vs torch float32 | {_fmt(r['train'] / r['torch_train_f32'], 'x')} |")

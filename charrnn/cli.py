@@ -334,6 +334,8 @@ def sample(run: str, length: int, temperature: float, top_k, top_p, greedy: bool
     config = SampleConfig(length=length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                           prime=prime, num_samples=num_samples, seed=seed)
     _setup_jax()
+    if beam is None:
+        _split_cpu_for_sampling(Path(run), checkpoint, num_samples)
     from charrnn.inference import load
 
     model = load(Path(run), checkpoint)
@@ -362,6 +364,24 @@ def sample(run: str, length: int, temperature: float, top_k, top_p, greedy: bool
     for pieces, _ in model.stream(config):
         click.echo(pieces[0], nl=False)  # echo flushes: text appears as it is generated
     click.echo()
+
+
+def _split_cpu_for_sampling(run: Path, checkpoint: str, num_samples: int) -> None:
+    """Split the CPU into devices before JAX starts when ``num_samples`` rows sample faster
+    split (``parallel.sampling_devices``); a run that cannot be read is left to ``load`` to
+    report."""
+    from charrnn import checkpoint as ckpt
+    from charrnn import parallel, runs
+    from charrnn.errors import CheckpointError
+
+    try:
+        config, vocab = runs.read_run_files(ckpt.resolve(run, checkpoint).parent)
+    except CheckpointError:
+        return
+    m = config.model
+    n = parallel.sampling_devices(num_samples, parallel.step_weight_bytes(m.cell, m.layers, m.hidden, vocab.size))
+    if n > 1:
+        parallel.use_cpu_devices(n)
 
 
 def _novelty(row: dict) -> str:

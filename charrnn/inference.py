@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -13,8 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
+from charrnn import parallel
 from charrnn import runs
 from charrnn import sample as sampler
 from charrnn.config import RunConfig, SampleConfig
@@ -22,6 +27,8 @@ from charrnn.errors import CharrnnError, CheckpointError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn
 from charrnn.model import abstract_model, count_params, split_model
 from charrnn.vocab import END, Vocab, describe_chars
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class Run:
         self.model = abstract_model(config.model, vocab.size)
         self.graphdef, _ = nnx.split(self.model)
         self._dtype = compute_dtype("float32")
-        self._sampler = None
+        self._samplers = {}  # device count -> (prime, generate, replicated params)
         self._eval_fn = None
 
     @property
@@ -73,10 +80,26 @@ class Run:
     def num_params(self) -> int:
         return count_params(self.params)
 
-    def _sampler_fns(self):
-        if self._sampler is None:
-            self._sampler = sampler.make_sampler(sampler.model_step_fn(self.graphdef, self._dtype))
-        return self._sampler
+    def sampling_devices(self, num_samples: int) -> int:
+        """How many of this process's CPU devices ``stream`` splits ``num_samples`` rows over.
+
+        More than one only where JAX has several CPU devices (``charrnn sample`` makes them with
+        ``parallel.use_cpu_devices`` when this rule, ``parallel.sampling_devices``, says so).
+        """
+        devices = jax.local_devices()
+        if len(devices) < 2 or devices[0].platform != "cpu":
+            return 1
+        m = self.config.model
+        weights = parallel.step_weight_bytes(m.cell, m.layers, m.hidden, self.vocab.size)
+        return parallel.sampling_devices(num_samples, weights, cores=len(devices))
+
+    def _sampler_fns(self, devices: int = 1):
+        if devices not in self._samplers:
+            mesh = parallel.local_mesh(devices) if devices > 1 else None
+            prime, generate = sampler.make_sampler(sampler.model_step_fn(self.graphdef, self._dtype), mesh=mesh)
+            params = self.params if mesh is None else jax.device_put(self.params, NamedSharding(mesh, P()))
+            self._samplers[devices] = (prime, generate, params)
+        return self._samplers[devices]
 
     def check_prime(self, prime: str) -> np.ndarray:
         """Ids of the prime text; ``CharrnnError`` naming any character the model never saw."""
@@ -94,12 +117,14 @@ class Run:
         stops at the end token or after ``config.length`` generated characters.
         """
         prime_ids = self.check_prime(config.prime)
-        prime, generate = self._sampler_fns()
+        devices = self.sampling_devices(config.num_samples)
+        log.info("sampling %d rows on %d device(s)", config.num_samples, devices)
+        prime, generate, params = self._sampler_fns(devices)
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         controls = sampler.make_controls(self.vocab.size, config.temperature, config.top_k, config.top_p,
                                          config.greedy)
         prompt = sampler.prompt_tokens(prime_ids, config.num_samples)
-        carry = (self.params, self.model.initial_carry(config.num_samples))
+        carry = (params, self.model.initial_carry(config.num_samples))
         ended = np.zeros(config.num_samples, bool)
         yield [config.prime] * config.num_samples, ended.copy()
         for toks in sampler.generate_stream(prime, generate, carry, prompt, jax.random.PRNGKey(seed),

@@ -6,13 +6,16 @@ can drive the sampler with fake logits and check exact tokens.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from charrnn.parallel import AXIS
 from charrnn.vocab import END, START
 
 StepFn = Callable  # (carry, token_B) -> (carry, logits_BxV)
@@ -59,10 +62,22 @@ def _top_k_top_p(logits_BxV, controls: Controls):
     return jnp.where(logits_BxV < jnp.maximum(cut_Bx1, kth_Bx1), -jnp.inf, logits_BxV)
 
 
-def choose(logits_BxV, key, controls: Controls):
-    """The next token of every row: argmax when greedy, else a draw from the filtered softmax."""
+def choose(logits_BxV, key, controls: Controls, rows=None):
+    """The next token of every row: argmax when greedy, else a draw from the filtered softmax.
+
+    The draw is ``jax.random.categorical``'s (the argmax of logits plus Gumbel noise), written
+    out so that ``rows = (first, total)`` — this block of rows is rows ``first ..`` of a batch
+    of ``total`` split over devices — can take its rows of the whole batch's noise: every row
+    then draws exactly what it would on one device.
+    """
     filtered = filter_logits(logits_BxV, controls)
-    drawn = jax.random.categorical(key, filtered, axis=-1)
+    if rows is None:
+        noise_BxV = jax.random.gumbel(key, filtered.shape, filtered.dtype)
+    else:
+        first, total = rows
+        noise_BxV = jax.random.gumbel(key, (total, filtered.shape[-1]), filtered.dtype)
+        noise_BxV = jax.lax.dynamic_slice_in_dim(noise_BxV, first, filtered.shape[0], axis=0)
+    drawn = jnp.argmax(filtered + noise_BxV, axis=-1)
     best = jnp.argmax(filtered, axis=-1)
     return jnp.where(controls.greedy, best, drawn).astype(jnp.int32)
 
@@ -74,15 +89,21 @@ class SamplerState(NamedTuple):
     done_B: jax.Array
 
 
-def make_sampler(step_fn: StepFn, chunk: int = CHUNK):
+def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = None):
     """Build the jitted pair ``(prime, generate)``.
 
     ``prime(carry, prompt_BxP, key) -> SamplerState`` feeds the prompt (start token first);
     ``generate(state, controls) -> (state, tokens_BxC)`` draws ``chunk`` tokens, feeding each
     back; a row that has drawn the end token emits only end tokens afterwards.
-    """
 
-    @jax.jit
+    With a ``mesh`` of several devices (a 1-D mesh over ``parallel.AXIS``) the rows are split
+    over its devices, each running its own loop with no communication; ``carry`` must then be
+    ``(params, state)`` as ``model_step_fn`` uses it (params replicated, state split by rows).
+    The tokens are exactly those one device draws (see ``choose``). On a 2-core CPU this
+    samples a small model's batch of 32 ~1.3-1.8x as fast (see ``parallel.sampling_devices``).
+    """
+    split = mesh is not None and mesh.size > 1
+
     def prime(carry, prompt_BxP, key):
         def body(c, tok_B):
             c, logits = step_fn(c, tok_B)
@@ -92,11 +113,15 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK):
         done = jnp.zeros(prompt_BxP.shape[0], bool)
         return SamplerState(carry, logits_PxBxV[-1], key, done)
 
-    @jax.jit
     def generate(state: SamplerState, controls: Controls):
+        rows = None
+        if split:  # this device's rows of the whole batch
+            b = state.logits_BxV.shape[0]
+            rows = (jax.lax.axis_index(AXIS) * b, b * mesh.size)
+
         def body(s: SamplerState, _):
             key, sub = jax.random.split(s.key)
-            tok = choose(s.logits_BxV, sub, controls)
+            tok = choose(s.logits_BxV, sub, controls, rows)
             tok = jnp.where(s.done_B, END, tok)
             carry, logits = step_fn(s.carry, tok)
             return SamplerState(carry, logits, key, s.done_B | (tok == END)), tok
@@ -104,7 +129,23 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK):
         state, toks_CxB = jax.lax.scan(body, state, None, length=chunk)
         return state, toks_CxB.T
 
-    return prime, generate
+    if not split:
+        return jax.jit(prime), jax.jit(generate)
+    by_rows = P(AXIS)
+    carry_spec = (P(), by_rows)
+    state_spec = SamplerState(carry_spec, by_rows, P(), by_rows)
+
+    def placed(f, in_specs, out_specs):
+        # check_vma=False: the replicated outputs (params, key) pass through unchanged or are
+        # derived from replicated inputs only; the check cannot see through the cells'
+        # custom_vjp.
+        f = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), in_specs,
+                                           is_leaf=lambda x: isinstance(x, P))
+        return jax.jit(f, in_shardings=shardings)
+
+    return (placed(prime, (carry_spec, by_rows, P()), state_spec),
+            placed(generate, (state_spec, P()), (state_spec, by_rows)))
 
 
 def generate_stream(prime, generate, carry, prompt_BxP: np.ndarray, key, controls: Controls, length: int

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from charrnn import checkpoint as ckpt
+from charrnn.parallel import sampling_devices, step_weight_bytes, usable_cores
 
 ARGS = ["--hidden", "16", "--layers", "2", "--batch-size", "8", "--seq-len", "16", "--eval-every", "10",
         "--dropout", "0.1", "--quiet"]
@@ -132,6 +133,44 @@ def test_cpu_devices_that_do_not_divide_the_batch_are_refused(corpus, tmp_path):
     assert r.stderr.strip() == ("charrnn: error: --batch-size 8 must divide by the number of devices (3); "
                                 "try --batch-size 6")
     assert not (tmp_path / "r").exists()
+
+
+def _sample(run: Path, env: dict, num_samples: int) -> tuple[str, str]:
+    cmd = [sys.executable, "-m", "charrnn.cli", "-v", "sample", str(run), "--num-samples", str(num_samples),
+           "--length", "150", "--seed", "3", "--temperature", "1.5", "--json"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout, r.stderr
+
+
+def test_sampling_split_over_devices_draws_what_one_device_draws(one_device):
+    one, log_one = _sample(one_device, _env(1), 32)
+    four, log_four = _sample(one_device, _env(4), 32)
+    assert "sampling 32 rows on 1 device(s)" in log_one
+    assert "sampling 32 rows on 4 device(s)" in log_four
+    assert len(one.splitlines()) == 32 and len(set(one.splitlines())) > 16  # the rows differ
+    assert four == one
+    # `charrnn sample` splits the CPU itself (one device per core) when that pays.
+    split, log_split = _sample(one_device, _env_without_forced_devices(), 16)
+    if usable_cores() >= 2:
+        assert "sampling 16 rows on 2 device(s)" in log_split
+    assert split == _sample(one_device, _env(1), 16)[0]
+
+
+def test_sampling_devices_split_only_small_models_and_batches():
+    lstm_2x128 = step_weight_bytes("lstm", 2, 128, 65)
+    assert lstm_2x128 == 4 * (2 * 128 * 512 + 128 * 512 + 128 * 65)
+    assert step_weight_bytes("rnn", 1, 512, 65) == 4 * (512 * 512 + 512 * 65)
+    assert step_weight_bytes("gru", 2, 256, 65) == 4 * (2 * 256 * 768 + 256 * 768 + 256 * 65)
+    l2 = 2 << 20
+    cases = {  # (batch, weight bytes) -> devices on 2 cores with 2 MiB of L2 each
+        (32, lstm_2x128): 2, (16, lstm_2x128): 2, (8, lstm_2x128): 1, (1, lstm_2x128): 1, (33, lstm_2x128): 1,
+        (32, step_weight_bytes("gru", 2, 256, 65)): 2,
+        (32, step_weight_bytes("gru", 1, 512, 65)): 1,
+        (32, step_weight_bytes("lstm", 2, 512, 65)): 1,
+    }
+    assert {k: sampling_devices(*k, cores=2, l2_bytes=l2) for k in cases} == cases
+    assert sampling_devices(64, lstm_2x128, cores=8, l2_bytes=l2) == 8
 
 
 def _two_processes(corpus: Path, out: Path, *extra, env=None):
