@@ -105,29 +105,27 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
     split = mesh is not None and mesh.size > 1
 
     def prime(carry, prompt_BxP, key):
-        def body(c, tok_B):
-            c, logits = step_fn(c, tok_B)
-            return c, logits
-
-        carry, logits_PxBxV = jax.lax.scan(body, carry, prompt_BxP.T)
+        step, inner, rebuild = _loop_step(step_fn, carry)
+        inner, logits_PxBxV = jax.lax.scan(step, inner, prompt_BxP.T)
         done = jnp.zeros(prompt_BxP.shape[0], bool)
-        return SamplerState(carry, logits_PxBxV[-1], key, done)
+        return SamplerState(rebuild(inner), logits_PxBxV[-1], key, done)
 
     def generate(state: SamplerState, controls: Controls):
         rows = None
         if split:  # this device's rows of the whole batch
             b = state.logits_BxV.shape[0]
             rows = (jax.lax.axis_index(AXIS) * b, b * mesh.size)
+        step, inner, rebuild = _loop_step(step_fn, state.carry)
 
         def body(s: SamplerState, _):
             key, sub = jax.random.split(s.key)
             tok = choose(s.logits_BxV, sub, controls, rows)
             tok = jnp.where(s.done_B, END, tok)
-            carry, logits = step_fn(s.carry, tok)
+            carry, logits = step(s.carry, tok)
             return SamplerState(carry, logits, key, s.done_B | (tok == END)), tok
 
-        state, toks_CxB = jax.lax.scan(body, state, None, length=chunk)
-        return state, toks_CxB.T
+        s, toks_CxB = jax.lax.scan(body, state._replace(carry=inner), None, length=chunk)
+        return s._replace(carry=rebuild(s.carry)), toks_CxB.T
 
     if not split:
         return jax.jit(prime), jax.jit(generate)
@@ -146,6 +144,24 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
 
     return (placed(prime, (carry_spec, by_rows, P()), state_spec),
             placed(generate, (state_spec, P()), (state_spec, by_rows)))
+
+
+def _loop_step(step_fn: StepFn, carry):
+    """``(step, inner, rebuild)`` for a loop of ``step_fn`` calls starting from ``carry``.
+
+    ``step(inner, token_B) -> (inner, logits_BxV)`` runs in the loop and ``rebuild(inner)`` is
+    the carry again. For a plain ``step_fn`` that is ``step_fn`` over the whole carry. A
+    ``step_fn`` with ``prepare`` and ``prepared`` attributes (``model_step_fn``) takes
+    ``carry = (params, state)``: its parameters are prepared once here, outside the loop, and
+    only ``state`` is carried through it.
+    """
+    prepare = getattr(step_fn, "prepare", None)
+    if prepare is None:
+        return step_fn, carry, lambda inner: inner
+    params, state = carry
+    weights = prepare(params)
+    return (lambda inner, tok: step_fn.prepared(params, weights, inner, tok), state,
+            lambda inner: (params, inner))
 
 
 def generate_stream(prime, generate, carry, prompt_BxP: np.ndarray, key, controls: Controls, length: int
@@ -167,7 +183,9 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
 
     The parameters are then an input of the compiled sampler, not constants baked into it, so
     one compilation serves every checkpoint of the same shapes (and a large model does not
-    make a large program).
+    make a large program). The sampler's loops prepare them once per call (``prepare``:
+    ``CharRNN.step_weights``) and run ``prepared`` inside; called directly, ``step_fn`` is
+    ``CharRNN.step``.
     """
 
     def step_fn(carry, token_B):
@@ -175,6 +193,15 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
         state, logits_BxV = nnx.merge(graphdef, params).step(state, token_B, dtype)
         return (params, state), logits_BxV
 
+    def prepare(params):
+        return nnx.merge(graphdef, params).step_weights(dtype)
+
+    def prepared(params, weights, state, token_B):
+        # step_with reads only ``weights``; the merged module supplies the structure.
+        return nnx.merge(graphdef, params).step_with(weights, state, token_B, dtype)
+
+    step_fn.prepare = prepare
+    step_fn.prepared = prepared
     return step_fn
 
 

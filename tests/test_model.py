@@ -424,3 +424,36 @@ def test_model_is_rank_promotion_clean(strict_broadcasts):
     s = prime(model.initial_carry(2), jnp.asarray(sampler.prompt_tokens(np.array([2], np.int32), 2)),
               jax.random.PRNGKey(0))
     generate(s, sampler.make_controls(V, top_k=3, top_p=0.9))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_sampler_with_prepared_weights_equals_plain_steps(cell):
+    # sample.model_step_fn's loops prepare the weights once (CharRNN.step_weights) and run
+    # step_with; a plain step_fn runs CharRNN.step on the parameters every step. Same tokens.
+    from charrnn import sample as sampler
+
+    graphdef, params = _model(cell)
+    model = nnx.merge(graphdef, params)
+    weights = model.step_weights()
+    tok = jnp.asarray(char_tokens())[:, 0]
+    for a, b in zip(jax.tree_util.tree_leaves(model.step(model.initial_carry(B), tok)),
+                    jax.tree_util.tree_leaves(model.step_with(weights, model.initial_carry(B), tok))):
+        np.testing.assert_array_equal(a, b)
+    plain = sampler.make_sampler(lambda c, t: (lambda s, lg: ((c[0], s), lg))(
+        *nnx.merge(graphdef, c[0]).step(c[1], t)), chunk=8)
+    prepared_fn = sampler.model_step_fn(graphdef)
+    assert hasattr(prepared_fn, "prepare")
+    prepared = sampler.make_sampler(prepared_fn, chunk=8)
+    prompt = jnp.asarray(sampler.prompt_tokens(np.array([2, 3], np.int32), 4))
+    controls = sampler.make_controls(V, temperature=1.5)
+    out = []
+    for prime, generate in (plain, prepared):
+        s = prime((params, model.initial_carry(4)), prompt, jax.random.PRNGKey(3))
+        toks = []
+        for _ in range(3):
+            s, t = generate(s, controls)
+            toks.append(np.asarray(t))
+        out.append((np.concatenate(toks, axis=1), np.asarray(s.logits_BxV)))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-6, atol=1e-6)
+    assert len(np.unique(out[0][0])) > 2
