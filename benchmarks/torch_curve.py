@@ -65,9 +65,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed: the initial weights")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     stream, vocab = encode(Path(a.corpus).read_text(encoding="utf-8"))
     n_val = int(len(stream) * 0.1)
     train, val = stream[:-n_val], stream[-n_val:]
