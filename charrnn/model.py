@@ -2,9 +2,9 @@
 
 Every cell splits its work in two: ``project`` computes the input contribution of the gates for
 all time steps at once (for the first layer a gather of weight rows, because the input is
-one-hot; above it one large matmul), and ``step`` advances the recurrence by one time step.
-Training scans ``step`` over time layer by layer; sampling calls the same ``step`` once per
-character, so the two cannot drift apart.
+one-hot; above it one large matmul), and ``forward`` advances the recurrence by one time step.
+Training scans ``forward`` over time layer by layer (``Cell.scan``); sampling calls the same
+``forward`` once per character (``Cell.step_with``), so the two cannot drift apart.
 
 The scan over a window (``Cell.scan``) has a hand-written backward pass (``jax.custom_vjp``).
 On CPU the cost of a scan is dominated by the fixed cost of each operation in each iteration,
@@ -13,7 +13,7 @@ not by arithmetic, and autodiff of a scan body does far more per-iteration work 
 many small buffers). The hand-written backward keeps only what truly depends on the previous
 time step inside the loop (gate derivatives and one ``dz @ w_hh.T``) and computes the
 ``w_hh`` / ``b_hh`` gradients afterwards as one large matmul / sum over all time steps. The
-forward equations are shared with ``step``, so scan and step agree exactly.
+forward equations are shared with ``step_with``, so scan and step agree exactly.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Cell(nnx.Module):
     A subclass defines its recurrence twice over, as pure functions of the recurrent weights
     (``recurrent_weights``): ``forward`` (one time step, also returning what the backward pass
     needs) and ``backward`` (that step's vector-Jacobian product, without the weight gradient).
-    ``step`` and ``scan`` are both built on ``forward``.
+    ``step_with`` and ``scan`` are both built on ``forward``.
     """
 
     gates = 1
@@ -89,13 +89,8 @@ class Cell(nnx.Module):
         the whole ``(T*B, G)`` cotangent for the ``w_ih`` gradient. Per block, every array stays
         contiguous in both directions (together ~10 ms of a 70 ms LSTM 2x128 step).
         """
-        ws = _gate_blocks(self.w_ih[...], self.gates)
-        bs = _gate_blocks(self.b_ih[...], self.gates)
-        if self.one_hot:
-            xws = tuple(jnp.take(w, x, axis=0) for w in ws)
-        else:
-            xws = tuple(_matmul(x, w, dtype) for w in ws)
-        return tuple(xw + _bias(b, xw) for xw, b in zip(xws, bs))
+        return _project_blocks(self.one_hot, _gate_blocks(self.w_ih[...], self.gates),
+                               _gate_blocks(self.b_ih[...], self.gates), x, dtype)
 
     def initial_carry(self, batch: int) -> tuple:
         return tuple(jnp.zeros((batch, self.hidden), jnp.float32) for _ in range(self.state_arity))
@@ -111,14 +106,6 @@ class Cell(nnx.Module):
         """
         return _gate_blocks(self.w_hh[...], self.gates)
 
-    def step(self, carry, xw_BxG, dtype=jnp.float32):
-        """One time step from the input part of the gates: ``(new_carry, h)``.
-
-        ``xw_BxG`` is ``project``'s output, or ``project_blocks``'s (a tuple of gate blocks).
-        """
-        carry, _ = self.forward(self.recurrent_weights(), carry, _as_blocks(xw_BxG, self.gates), dtype)
-        return carry, carry[-1]
-
     def step_weights(self, dtype=jnp.float32) -> tuple:
         """What ``step_with`` reads, prepared once for many single steps (sampling).
 
@@ -132,19 +119,15 @@ class Cell(nnx.Module):
 
     def step_with(self, weights, carry, x, dtype=jnp.float32):
         """One time step from ``x`` (token ids, or the layer below's output) with ``step_weights``'s
-        output: ``(new_carry, h)``, equal to ``step(carry, project_blocks(x))``."""
+        output: ``(new_carry, h)``, one step of what ``scan`` computes over a window."""
         ws, bs, w = weights
-        if self.one_hot:
-            xws = tuple(jnp.take(wk, x, axis=0) for wk in ws)
-        else:
-            xws = tuple(_matmul(x, wk, dtype) for wk in ws)
-        carry, _ = self.forward(w, carry, tuple(a + _bias(b, a) for a, b in zip(xws, bs)), dtype)
+        carry, _ = self.forward(w, carry, _project_blocks(self.one_hot, ws, bs, x, dtype), dtype)
         return carry, carry[-1]
 
     def scan(self, carry, xw_TxBxG, keep_TxBx1, dtype=jnp.float32, unroll: int = 1):
-        """``step`` over a window, zeroing the state before each step where ``keep`` is 0.
+        """``forward`` over a window, zeroing the state before each step where ``keep`` is 0.
 
-        ``xw_TxBxG`` is as for ``step``. Returns ``(final_carry, h_TxBxH)``; differentiable
+        ``xw_TxBxG`` is ``project_blocks``'s output (or the whole ``(T, B, G)`` projection). Returns ``(final_carry, h_TxBxH)``; differentiable
         through the hand-written backward.
         """
         return _scan_layer(type(self), dtype, unroll, self.recurrent_weights(), tuple(carry),
@@ -184,6 +167,15 @@ def _gate_blocks(x, gates: int) -> tuple:
     separate arrays (with one small matmul per gate) avoids that: about 2.5x faster per step.
     """
     return tuple(jnp.split(x, gates, axis=-1)) if gates > 1 else (x,)
+
+
+def _project_blocks(one_hot: bool, ws: tuple, bs: tuple, x, dtype) -> tuple:
+    """The input part of the gates per gate block, from ``w_ih``'s and ``b_ih``'s blocks."""
+    if one_hot:  # one_hot(x) @ w == w[x]: a row gather instead of a V-wide matmul
+        xws = tuple(jnp.take(w, x, axis=0) for w in ws)
+    else:
+        xws = tuple(_matmul(x, w, dtype) for w in ws)
+    return tuple(xw + _bias(b, xw) for xw, b in zip(xws, bs))
 
 
 def _as_blocks(xw, gates: int) -> tuple:

@@ -134,10 +134,7 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
     state_spec = SamplerState(carry_spec, by_rows, P(), by_rows)
 
     def placed(f, in_specs, out_specs):
-        # check_vma=False: the replicated outputs (params, key) pass through unchanged or are
-        # derived from replicated inputs only; the check cannot see through the cells'
-        # custom_vjp.
-        f = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        f = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
         shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), in_specs,
                                            is_leaf=lambda x: isinstance(x, P))
         return jax.jit(f, in_shardings=shardings)
