@@ -94,20 +94,11 @@ def charrnn_sample(cell, layers, hidden, batch, devices=1, length=SAMPLE_LENGTH)
 
     model = build_model(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, 0)
     graphdef, params = split_model(model)
-
-    # As `charrnn sample` runs the model (sample.model_step_fn: parameters in the carry), but
-    # never ending early, so every run generates the full length (as the PyTorch loop does).
-    base = sampler.model_step_fn(graphdef)
-
-    def step_fn(carry, tok):
-        carry, logits = base(carry, tok)
-        return carry, logits.at[:, END].set(-jnp.inf)
-
-    def prepared(params, weights, c, tok):
-        c, logits = base.prepared(params, weights, c, tok)
-        return c, logits.at[:, END].set(-jnp.inf)
-
-    step_fn.prepare, step_fn.prepared = base.prepare, prepared
+    # Never end early, so every run generates the full length (as the PyTorch loop does): an
+    # output bias of -inf for the end token, so the sampler below is exactly the one
+    # `charrnn sample` runs (sample.model_step_fn, parameters in the carry).
+    params["b_out"] = params["b_out"].at[END].set(-jnp.inf)
+    step_fn = sampler.model_step_fn(graphdef)
 
     # As `charrnn sample` does: rows split over CPU devices where parallel.sampling_devices says.
     mesh = parallel.local_mesh(devices) if devices > 1 else None
