@@ -70,16 +70,50 @@ def choose(logits_BxV, key, controls: Controls, rows=None):
     of ``total`` split over devices — can take its rows of the whole batch's noise: every row
     then draws exactly what it would on one device.
     """
-    filtered = filter_logits(logits_BxV, controls)
+    (noise_BxV,) = gumbel_noise(key, 1, logits_BxV.shape, rows)
+    return pick(logits_BxV, noise_BxV, controls)
+
+
+def gumbel_noise(key, steps: int, shape_BxV, rows=None):
+    """Gumbel noise ``(steps, B, V)`` for ``steps`` draws of ``B`` rows at once.
+
+    With ``rows = (first, total)`` the noise of a ``total``-row batch is drawn and this block's
+    rows kept, so a batch split over devices draws exactly what one device draws.
+    """
+    b, v = shape_BxV
     if rows is None:
-        noise_BxV = jax.random.gumbel(key, filtered.shape, filtered.dtype)
-    else:
-        first, total = rows
-        noise_BxV = jax.random.gumbel(key, (total, filtered.shape[-1]), filtered.dtype)
-        noise_BxV = jax.lax.dynamic_slice_in_dim(noise_BxV, first, filtered.shape[0], axis=0)
+        return jax.random.gumbel(key, (steps, b, v), jnp.float32)
+    first, total = rows
+    noise = jax.random.gumbel(key, (steps, total, v), jnp.float32)
+    return jax.lax.dynamic_slice_in_dim(noise, first, b, axis=1)
+
+
+def pick(logits_BxV, noise_BxV, controls: Controls):
+    """``choose`` with its Gumbel noise given: the argmax of the filtered logits plus the noise
+    (or of the filtered logits alone when greedy)."""
+    filtered = filter_logits(logits_BxV, controls)
     drawn = jnp.argmax(filtered + noise_BxV, axis=-1)
     best = jnp.argmax(filtered, axis=-1)
     return jnp.where(controls.greedy, best, drawn).astype(jnp.int32)
+
+
+# Noise is drawn for up to this many bytes of steps at once (see ``noise_steps``).
+NOISE_BYTES = 8 << 20
+
+
+def noise_steps(chunk: int, rows: int, vocab_size: int, budget: Optional[int] = None) -> int:
+    """How many steps of Gumbel noise ``generate`` draws at once: the largest power of two that
+    divides ``chunk`` and keeps ``steps x rows x vocab_size`` float32 values within ``budget``.
+
+    On CPU, JAX lowers its threefry hash as a rolled 5-iteration loop: drawn once per step,
+    the noise (with the key split) cost ~70 small operations a step, more than a small
+    model's whole step. Drawn for many steps at once it is one vectorised hash.
+    """
+    budget = NOISE_BYTES if budget is None else budget
+    steps = 1
+    while chunk % (2 * steps) == 0 and 2 * steps * rows * vocab_size * 4 <= budget:
+        steps *= 2
+    return steps
 
 
 class SamplerState(NamedTuple):
@@ -116,16 +150,23 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
             b = state.logits_BxV.shape[0]
             rows = (jax.lax.axis_index(AXIS) * b, b * mesh.size)
         step, inner, rebuild = _loop_step(step_fn, state.carry)
+        b, v = state.logits_BxV.shape
+        steps = noise_steps(chunk, b * (mesh.size if split else 1), v)
 
-        def body(s: SamplerState, _):
-            key, sub = jax.random.split(s.key)
-            tok = choose(s.logits_BxV, sub, controls, rows)
+        def body(s: SamplerState, noise_BxV):
+            tok = pick(s.logits_BxV, noise_BxV, controls)
             tok = jnp.where(s.done_B, END, tok)
             carry, logits = step(s.carry, tok)
-            return SamplerState(carry, logits, key, s.done_B | (tok == END)), tok
+            return SamplerState(carry, logits, s.key, s.done_B | (tok == END)), tok
 
-        s, toks_CxB = jax.lax.scan(body, state._replace(carry=inner), None, length=chunk)
-        return s._replace(carry=rebuild(s.carry)), toks_CxB.T
+        def block(s: SamplerState, _):
+            # The noise for ``steps`` steps at once, outside the per-step loop (see noise_steps).
+            key, sub = jax.random.split(s.key)
+            s, toks_SxB = jax.lax.scan(body, s._replace(key=key), gumbel_noise(sub, steps, (b, v), rows))
+            return s, toks_SxB
+
+        s, toks_NxSxB = jax.lax.scan(block, state._replace(carry=inner), None, length=chunk // steps)
+        return s._replace(carry=rebuild(s.carry)), toks_NxSxB.reshape(chunk, b).T
 
     if not split:
         return jax.jit(prime), jax.jit(generate)

@@ -155,6 +155,34 @@ def test_rows_of_a_split_batch_draw_what_the_whole_batch_draws():
     assert len(set(np.asarray(whole).tolist())) > 1
 
 
+def test_noise_steps_fit_the_budget_and_divide_the_chunk():
+    assert sampler.noise_steps(128, 1, 67) == 128
+    assert sampler.noise_steps(128, 32, 67) == 128  # 1.1 MB
+    assert sampler.noise_steps(128, 1024, 67) == 16  # 16 x 1024 x 67 x 4 B = 4.4 MB <= 8 MiB
+    assert sampler.noise_steps(128, 10 ** 6, 67) == 1  # never fewer than one step
+    assert sampler.noise_steps(96, 1, 67) == 32  # a power of two that divides the chunk
+    assert sampler.noise_steps(16, 64, 8, budget=64 * 8 * 4 * 4) == 4
+
+
+def test_noise_drawn_in_several_blocks_per_chunk_is_fresh_in_each(monkeypatch):
+    """With a noise budget of 4 steps, a 16-step chunk is four blocks: no block may reuse
+    another's noise, and the draws still follow the softmax."""
+    monkeypatch.setattr(sampler, "NOISE_BYTES", 4 * ROWS * V * 4)
+    assert sampler.noise_steps(CHUNK, ROWS, V) == 4
+    prime, generate = sampler.make_sampler(table_step, chunk=CHUNK)
+    logits = np.array([0.0, -50.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], np.float32)  # uniform over 2..7
+    prompt = sampler.prompt_tokens(np.zeros(0, np.int32), ROWS)
+    state = prime((jnp.asarray(np.tile(logits, (V, 1))),), jnp.asarray(prompt), jax.random.PRNGKey(0))
+    _, toks = generate(state, sampler.make_controls(V))
+    toks = np.asarray(toks)
+    blocks = [toks[:, i:i + 4] for i in range(0, CHUNK, 4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (blocks[i] != blocks[j]).mean() > 0.5, (i, j)
+    counts = np.bincount(toks.ravel(), minlength=V)[2:] / toks.size
+    np.testing.assert_allclose(counts, 1 / 6, atol=0.03)
+
+
 def test_filter_logits_exact_sets():
     logits = [5.0, 0.0, np.log(0.5), np.log(0.3), np.log(0.2), -np.inf]
     assert _filtered(logits).tolist() == [False, True, True, True, True, False]
