@@ -255,9 +255,10 @@ def _sample_devices_for(option: str, cell: str, layers: int, hidden: int, batch:
     if option != "auto":
         return int(option) if batch % int(option) == 0 else 1
     sys.path.insert(0, str(HERE.parent))
-    from charrnn.parallel import sampling_devices, step_weight_bytes
+    from charrnn.config import ModelConfig
+    from charrnn.parallel import sampling_devices_for
 
-    return sampling_devices(batch, step_weight_bytes(cell, layers, hidden, VOCAB))
+    return sampling_devices_for(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, batch)
 
 
 def _have_torch() -> bool:

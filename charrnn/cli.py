@@ -378,8 +378,7 @@ def _split_cpu_for_sampling(run: Path, checkpoint: str, num_samples: int) -> Non
         config, vocab = runs.read_run_files(ckpt.resolve(run, checkpoint).parent)
     except CheckpointError:
         return
-    m = config.model
-    n = parallel.sampling_devices(num_samples, parallel.step_weight_bytes(m.cell, m.layers, m.hidden, vocab.size))
+    n = parallel.sampling_devices_for(config.model, vocab.size, num_samples)
     if n > 1:
         parallel.use_cpu_devices(n)
 

@@ -88,9 +88,7 @@ class Run:
         devices = jax.local_devices()
         if len(devices) < 2 or devices[0].platform != "cpu":
             return 1
-        m = self.config.model
-        weights = parallel.step_weight_bytes(m.cell, m.layers, m.hidden, self.vocab.size)
-        return parallel.sampling_devices(num_samples, weights, cores=len(devices))
+        return parallel.sampling_devices_for(self.config.model, self.vocab.size, num_samples, cores=len(devices))
 
     def _sampler_fns(self, devices: int = 1):
         if devices not in self._samplers:

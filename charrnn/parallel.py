@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from charrnn.config import ModelConfig
 from charrnn.errors import CharrnnError
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,14 @@ def sampling_devices(batch_size: int, weight_bytes: int, cores: Optional[int] = 
     if weight_bytes > 1.25 * (l2_bytes or l2_cache_bytes()):
         return 1
     return auto_cpu_devices(batch_size, cores)
+
+
+def sampling_devices_for(model: ModelConfig, vocab_size: int, batch_size: int,
+                         cores: Optional[int] = None, l2_bytes: Optional[int] = None) -> int:
+    """``sampling_devices`` for a model of this shape: the one rule ``charrnn sample`` (before
+    JAX starts), ``Run.stream`` and the benchmark all apply."""
+    weights = step_weight_bytes(model.cell, model.layers, model.hidden, vocab_size)
+    return sampling_devices(batch_size, weights, cores, l2_bytes)
 
 
 def local_mesh(n: int) -> jax.sharding.Mesh:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from charrnn import checkpoint as ckpt
-from charrnn.parallel import sampling_devices, step_weight_bytes, usable_cores
+from charrnn.config import ModelConfig
+from charrnn.parallel import sampling_devices, sampling_devices_for, step_weight_bytes, usable_cores
 
 ARGS = ["--hidden", "16", "--layers", "2", "--batch-size", "8", "--seq-len", "16", "--eval-every", "10",
         "--dropout", "0.1", "--quiet"]
@@ -171,6 +172,11 @@ def test_sampling_devices_split_only_small_models_and_batches():
     }
     assert {k: sampling_devices(*k, cores=2, l2_bytes=l2) for k in cases} == cases
     assert sampling_devices(64, lstm_2x128, cores=8, l2_bytes=l2) == 8
+    # The same rule from a model's config, as `charrnn sample`, Run.stream and the benchmark use it.
+    shapes = {("lstm", 2, 128): 2, ("gru", 2, 256): 2, ("gru", 1, 512): 1, ("lstm", 2, 512): 1}
+    for (cell, layers, hidden), n in shapes.items():
+        model = ModelConfig(cell=cell, layers=layers, hidden=hidden)
+        assert sampling_devices_for(model, 65, 32, cores=2, l2_bytes=l2) == n, model
 
 
 def _two_processes(corpus: Path, out: Path, *extra, env=None):
