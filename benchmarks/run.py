@@ -4,6 +4,7 @@ an idiomatic PyTorch peer (``pip install -e ".[bench]"``), printed as a table.
     python benchmarks/run.py                      # all configurations, float32
     python benchmarks/run.py --dtype bfloat16 --configs lstm-2x512
     python benchmarks/run.py --no-torch --steps 20
+    python benchmarks/run.py --repeat 3           # medians of 3 alternating rounds (noisy hosts)
 
 Every measurement runs in its own subprocess (so peak RSS is per run and nothing is shared),
 charrnn and PyTorch alternating, and figures are medians over steps after warm-up. The host's
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -168,7 +170,6 @@ def first_sample_seconds(runs: int = 3) -> dict:
     does not care how well it was trained.
     """
     import select
-    import statistics
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -261,6 +262,33 @@ def _sample_devices_for(option: str, cell: str, layers: int, hidden: int, batch:
     return sampling_devices_for(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, batch)
 
 
+def _alternate(repeat: int, ours, theirs) -> tuple[dict, dict]:
+    """Run ``ours`` and ``theirs`` (or only ``ours`` when it is None) ``repeat`` times, alternating.
+
+    Returns each side's figures as medians over the rounds, and for every figure both report,
+    the median of the per-round ratios under ``"ratio:" + key`` in the first dict: the host's
+    speed drifts over minutes, so a round's two runs are the fairest pair.
+    """
+    rounds = [(ours(), theirs() if theirs else {}) for _ in range(repeat)]
+
+    def medians(side: int) -> dict:
+        keys = {k for r in rounds for k, v in r[side].items() if isinstance(v, (int, float))}
+        out = {k: statistics.median(r[side][k] for r in rounds if k in r[side]) for k in keys}
+        errors = [r[side]["error"] for r in rounds if "error" in r[side]]
+        return {**out, **({"error": errors[0]} if errors else {})}
+
+    c, t = medians(0), medians(1)
+    for k in set(c) & set(t):
+        pairs = [r[0][k] / r[1][k] for r in rounds if r[0].get(k) and r[1].get(k)]
+        if pairs and k != "error":
+            c["ratio:" + k] = statistics.median(pairs)
+    return c, t
+
+
+def _ratio(c: dict, key: str):
+    return c.get("ratio:" + key)
+
+
 def _have_torch() -> bool:
     return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
 
@@ -286,6 +314,9 @@ def main(argv=None):
     p.add_argument("--cpu-devices", default="auto",
                    help="run charrnn data-parallel over this many CPU devices; 'auto' (the default) "
                         "chooses as `charrnn train` and `charrnn sample` do")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every figure this many times, charrnn and PyTorch alternating, and print "
+                        "medians (ratios: the median of each round's ratio)")
     a = p.parse_args(argv)
     torch = not a.no_torch and _have_torch()
     if not a.no_torch and not torch:
@@ -298,16 +329,16 @@ def main(argv=None):
         row = {"config": name}
         CPU_DEVICES[0] = _devices_for(a.cpu_devices, batch)
         row["devices"] = CPU_DEVICES[0]
-        c = _run("charrnn-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch,
-                 steps=a.steps, dtype=a.dtype)
-        t = _run("torch-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch,
-                 vocab=VOCAB, steps=a.steps, threads=a.threads, dtype=a.dtype) if torch else {}
+        train = dict(cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch, steps=a.steps)
+        c, t = _alternate(a.repeat, lambda: _run("charrnn-train", dtype=a.dtype, **train),
+                          (lambda: _run("torch-train", vocab=VOCAB, threads=a.threads, dtype=a.dtype, **train))
+                          if torch else None)
         row.update(train=c.get("chars_per_s"), compile_s=c.get("first_step_s"), rss=c.get("peak_rss_mb"),
-                   torch_train=t.get("chars_per_s"), torch_rss=t.get("peak_rss_mb"), error=c.get("error"))
+                   torch_train=t.get("chars_per_s"), torch_rss=t.get("peak_rss_mb"), error=c.get("error"),
+                   train_ratio=_ratio(c, "chars_per_s"), rss_ratio=_ratio(c, "peak_rss_mb"))
         if torch and a.dtype == "bfloat16":
-            row["torch_train_f32"] = _run("torch-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len,
-                                          batch=batch, vocab=VOCAB, steps=a.steps, threads=a.threads,
-                                          dtype="float32").get("chars_per_s")
+            row["torch_train_f32"] = _run("torch-train", vocab=VOCAB, threads=a.threads, dtype="float32",
+                                          **train).get("chars_per_s")
         if peak and row["train"]:
             sys.path.insert(0, str(HERE))
             from torch_peer import flops_per_char
@@ -317,17 +348,18 @@ def main(argv=None):
                 row["torch_mfu"] = row["torch_train"] * flops_per_char(cell, layers, hidden, VOCAB) / (peak * 1e9)
         for b in (1, 32):
             CPU_DEVICES[0] = _sample_devices_for(a.cpu_devices, cell, layers, hidden, b)
-            row[f"sample{b}_devices"] = CPU_DEVICES[0]
-            row[f"sample{b}"] = _run("charrnn-sample", cell=cell, layers=layers, hidden=hidden, batch=b,
-                                     devices=CPU_DEVICES[0]).get("chars_per_s")
-            if torch:
-                row[f"torch_sample{b}"] = _run("torch-sample", cell=cell, layers=layers, hidden=hidden, batch=b,
-                                               length=SAMPLE_LENGTH, vocab=VOCAB, threads=a.threads).get(
-                    "chars_per_s")
+            row[f"sample{b}_devices"] = devices = CPU_DEVICES[0]
+            c, t = _alternate(
+                a.repeat,
+                lambda: _run("charrnn-sample", cell=cell, layers=layers, hidden=hidden, batch=b, devices=devices),
+                (lambda: _run("torch-sample", cell=cell, layers=layers, hidden=hidden, batch=b, length=SAMPLE_LENGTH,
+                              vocab=VOCAB, threads=a.threads)) if torch else None)
+            row[f"sample{b}"], row[f"torch_sample{b}"] = c.get("chars_per_s"), t.get("chars_per_s")
+            row[f"sample{b}_ratio"] = _ratio(c, "chars_per_s")
         rows.append(row)
 
     def ratio(r, k):
-        return r.get(k) / r.get("torch_" + k) if r.get(k) and r.get("torch_" + k) else None
+        return r.get(k + "_ratio")
 
     print(f"\ncharrnn benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"dtype {a.dtype}, JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
@@ -336,7 +368,7 @@ def main(argv=None):
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        rss_ratio = r["rss"] / r["torch_rss"] if r.get("rss") and r.get("torch_rss") else None
+        rss_ratio = r.get("rss_ratio")
         cells = [r["config"], str(r["devices"]), _fmt(r["train"]), _fmt(ratio(r, "train"), "x"), _fmt(r["compile_s"]), _fmt(r["rss"]),
                  _fmt(rss_ratio, "x"), _fmt(100 * r["mfu"] if r.get("mfu") else None, "%"),
                  _fmt(100 * r["torch_mfu"] if r.get("torch_mfu") else None, "%"),
