@@ -278,9 +278,9 @@ def _alternate(repeat: int, ours, theirs) -> tuple[dict, dict]:
         return {**out, **({"error": errors[0]} if errors else {})}
 
     c, t = medians(0), medians(1)
-    for k in set(c) & set(t):
+    for k in set(c) & set(t) - {"error"}:
         pairs = [r[0][k] / r[1][k] for r in rounds if r[0].get(k) and r[1].get(k)]
-        if pairs and k != "error":
+        if pairs:
             c["ratio:" + k] = statistics.median(pairs)
     return c, t
 

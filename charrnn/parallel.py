@@ -119,7 +119,7 @@ def sampling_devices(batch_size: int, weight_bytes: int, cores: Optional[int] = 
 def sampling_devices_for(model: ModelConfig, vocab_size: int, batch_size: int,
                          cores: Optional[int] = None, l2_bytes: Optional[int] = None) -> int:
     """``sampling_devices`` for a model of this shape: the one rule ``charrnn sample`` (before
-    JAX starts), ``Run.stream`` and the benchmark all apply."""
+    JAX starts), ``Run.sampling_devices`` and the benchmark all apply."""
     weights = step_weight_bytes(model.cell, model.layers, model.hidden, vocab_size)
     return sampling_devices(batch_size, weights, cores, l2_bytes)
 

@@ -145,12 +145,11 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
         return SamplerState(rebuild(inner), logits_PxBxV[-1], key, done)
 
     def generate(state: SamplerState, controls: Controls):
+        b, v = state.logits_BxV.shape
         rows = None
         if split:  # this device's rows of the whole batch
-            b = state.logits_BxV.shape[0]
             rows = (jax.lax.axis_index(AXIS) * b, b * mesh.size)
         step, inner, rebuild = _loop_step(step_fn, state.carry)
-        b, v = state.logits_BxV.shape
         steps = noise_steps(chunk, b * (mesh.size if split else 1), v)
 
         def body(s: SamplerState, noise_BxV):
