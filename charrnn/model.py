@@ -127,8 +127,8 @@ class Cell(nnx.Module):
     def scan(self, carry, xw_TxBxG, keep_TxBx1, dtype=jnp.float32, unroll: int = 1):
         """``forward`` over a window, zeroing the state before each step where ``keep`` is 0.
 
-        ``xw_TxBxG`` is ``project_blocks``'s output (or the whole ``(T, B, G)`` projection). Returns ``(final_carry, h_TxBxH)``; differentiable
-        through the hand-written backward.
+        ``xw_TxBxG`` is ``project_blocks``'s output (or the whole ``(T, B, G)`` projection).
+        Returns ``(final_carry, h_TxBxH)``; differentiable through the hand-written backward.
         """
         return _scan_layer(type(self), dtype, unroll, self.recurrent_weights(), tuple(carry),
                            _as_blocks(xw_TxBxG, self.gates), keep_TxBx1)
@@ -207,6 +207,12 @@ def _in_loop_weights(w, dtype, transpose: bool = False) -> tuple:
     """
     w = tuple(wk if wk.ndim != 2 else wk.astype(dtype).T if transpose else wk.astype(dtype) for wk in w)
     return jax.lax.optimization_barrier(w) if transpose else w
+
+
+def _output(h, w_out, b_out, dtype):
+    """The dense output layer: vocabulary logits (float32) from the top layer's ``h``."""
+    logits = _matmul(h, w_out, dtype)
+    return logits + _bias(b_out, logits)
 
 
 def _bias(b, x):
@@ -413,8 +419,7 @@ class CharRNN(nnx.Module):
         return tuple(c.initial_carry(batch) for c in self.cells)
 
     def logits(self, h, dtype=jnp.float32):
-        logits = _matmul(h, self.w_out[...], dtype)
-        return logits + _bias(self.b_out[...], logits)
+        return _output(h, self.w_out[...], self.b_out[...], dtype)
 
     def __call__(self, carry: Carry, tokens_BxT, *, dropout_key: Optional[Any] = None,
                  dtype=jnp.float32, unroll: int = 1, dropout_rows=None) -> tuple[Carry, Any]:
@@ -459,8 +464,7 @@ class CharRNN(nnx.Module):
         for cell, w, c in zip(self.cells, cell_weights, carry):
             c, x = cell.step_with(w, c, x, dtype)
             new_carry.append(c)
-        logits = _matmul(x, w_out, dtype)
-        return tuple(new_carry), logits + _bias(b_out, logits)
+        return tuple(new_carry), _output(x, w_out, b_out, dtype)
 
 
 def build_model(config: ModelConfig, vocab_size: int, seed: int) -> CharRNN:

@@ -62,23 +62,13 @@ def _top_k_top_p(logits_BxV, controls: Controls):
     return jnp.where(logits_BxV < jnp.maximum(cut_Bx1, kth_Bx1), -jnp.inf, logits_BxV)
 
 
-def choose(logits_BxV, key, controls: Controls, rows=None):
-    """The next token of every row: argmax when greedy, else a draw from the filtered softmax.
-
-    The draw is ``jax.random.categorical``'s (the argmax of logits plus Gumbel noise), written
-    out so that ``rows = (first, total)`` — this block of rows is rows ``first ..`` of a batch
-    of ``total`` split over devices — can take its rows of the whole batch's noise: every row
-    then draws exactly what it would on one device.
-    """
-    (noise_BxV,) = gumbel_noise(key, 1, logits_BxV.shape, rows)
-    return pick(logits_BxV, noise_BxV, controls)
-
-
 def gumbel_noise(key, steps: int, shape_BxV, rows=None):
-    """Gumbel noise ``(steps, B, V)`` for ``steps`` draws of ``B`` rows at once.
+    """Gumbel noise ``(steps, B, V)`` for ``steps`` draws of ``B`` rows at once (``pick`` adds it
+    to the logits: ``jax.random.categorical``'s draw, written out).
 
-    With ``rows = (first, total)`` the noise of a ``total``-row batch is drawn and this block's
-    rows kept, so a batch split over devices draws exactly what one device draws.
+    With ``rows = (first, total)`` — this block of rows is rows ``first ..`` of a batch of
+    ``total`` split over devices — the noise of the whole batch is drawn and this block's rows
+    kept, so every row draws exactly what it would on one device.
     """
     b, v = shape_BxV
     if rows is None:
@@ -89,8 +79,8 @@ def gumbel_noise(key, steps: int, shape_BxV, rows=None):
 
 
 def pick(logits_BxV, noise_BxV, controls: Controls):
-    """``choose`` with its Gumbel noise given: the argmax of the filtered logits plus the noise
-    (or of the filtered logits alone when greedy)."""
+    """The next token of every row: the argmax of the filtered logits plus ``gumbel_noise``'s
+    noise (a draw from the filtered softmax), or of the filtered logits alone when greedy."""
     filtered = filter_logits(logits_BxV, controls)
     drawn = jnp.argmax(filtered + noise_BxV, axis=-1)
     best = jnp.argmax(filtered, axis=-1)
@@ -133,7 +123,7 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
     With a ``mesh`` of several devices (a 1-D mesh over ``parallel.AXIS``) the rows are split
     over its devices, each running its own loop with no communication; ``carry`` must then be
     ``(params, state)`` as ``model_step_fn`` uses it (params replicated, state split by rows).
-    The tokens are exactly those one device draws (see ``choose``). On a 2-core CPU this
+    The tokens are exactly those one device draws (see ``gumbel_noise``). On a 2-core CPU this
     samples a small model's batch of 32 ~1.3-1.8x as fast (see ``parallel.sampling_devices``).
     """
     split = mesh is not None and mesh.size > 1

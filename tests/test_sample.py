@@ -146,11 +146,15 @@ def test_rows_of_a_split_batch_draw_what_the_whole_batch_draws():
     logits = jax.random.normal(jax.random.PRNGKey(1), (12, V)) * 2.0
     key = jax.random.PRNGKey(5)
     controls = sampler.make_controls(V, 1.3)
-    whole = sampler.choose(logits, key, controls)
+    def draw(rows_BxV, rows=None):
+        (noise_BxV,) = sampler.gumbel_noise(key, 1, rows_BxV.shape, rows)
+        return sampler.pick(rows_BxV, noise_BxV, controls)
+
+    whole = draw(logits)
     # The draw is jax.random.categorical's, written out.
     expected = jax.random.categorical(key, sampler.filter_logits(logits, controls), axis=-1)
     np.testing.assert_array_equal(whole, expected)
-    parts = [sampler.choose(logits[i:i + 4], key, controls, rows=(i, 12)) for i in (0, 4, 8)]
+    parts = [draw(logits[i:i + 4], rows=(i, 12)) for i in (0, 4, 8)]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     assert len(set(np.asarray(whole).tolist())) > 1
 
