@@ -265,6 +265,7 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
     _setup_jax()
     from charrnn import parallel, runs
     from charrnn.train import train as train_run
+    from charrnn.train import use_memory_saving_schedule
 
     if resume:
         if not out:
@@ -278,6 +279,7 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
         cpu_devices = parallel.auto_cpu_devices(config.train.batch_size)
     if cpu_devices is not None:
         parallel.use_cpu_devices(cpu_devices)  # before anything starts JAX's backends
+    use_memory_saving_schedule()  # likewise
     parallel.initialize(coordinator, num_processes, process_id, auto=distributed)
     import jax
 
