@@ -13,7 +13,8 @@ not by arithmetic, and autodiff of a scan body does far more per-iteration work 
 many small buffers). The hand-written backward keeps only what truly depends on the previous
 time step inside the loop (gate derivatives and one ``dz @ w_hh.T``) and computes the
 ``w_hh`` / ``b_hh`` gradients afterwards as one large matmul / sum over all time steps. The
-forward equations are shared with ``step_with``, so scan and step agree exactly.
+forward equations are shared with ``step_with``, so scan and step agree (to float rounding:
+a sampling step multiplies by all of a layer's recurrent gate blocks at once, ``FusedGates``).
 """
 
 from __future__ import annotations

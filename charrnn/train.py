@@ -152,8 +152,9 @@ def use_memory_saving_schedule() -> bool:
     """Have XLA:CPU order each program's operations to keep the fewest buffers alive.
 
     Its default scheduler starts independent work as early as it can, for parallelism: in a
-    train step that includes allocating every scan's zero-filled output stack (per layer and
-    time step) before the forward pass, so they all live at once. The memory-minimising one
+    train step that includes allocating the zero-filled output stacks of every scan (one
+    ``(T, B, H)`` array per saved value, layer and direction) before the forward pass, so
+    they all live at once. The memory-minimising one
     keeps LSTM 2x512 (batch 64) at 261 MB of temporaries instead of 392, peak RSS 785 -> 650 MB
     on one device (699 on two; PyTorch's nn.LSTM: ~720), and the train steps ran as fast (the
     concurrency it gives up overlapped little on two cores). ``charrnn train`` calls this before
@@ -302,6 +303,9 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
 
     Returns:
         A ``TrainResult``.
+
+    Called before anything has started JAX's backends, it also selects XLA:CPU's
+    memory-saving schedule for the process (``use_memory_saving_schedule``).
 
     Raises:
         CharrnnError: for unusable input or settings, with a message for the user.
