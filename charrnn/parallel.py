@@ -135,14 +135,18 @@ def use_cpu_devices(n: int) -> bool:
     Returns False (and changes nothing) when ``XLA_FLAGS`` already forces a CPU device count or
     the backends are already initialised; the devices JAX has are then used as they are.
     """
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return False
-    from jax._src import xla_bridge  # no public "are backends up?" query
-
-    if xla_bridge.backends_are_initialized():
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or backends_started():
         return False
     jax.config.update("jax_num_cpu_devices", int(n))
     return True
+
+
+def backends_started() -> bool:
+    """Whether JAX has initialised its backends: from then on the device count and XLA's
+    flags are fixed for the process."""
+    from jax._src import xla_bridge  # no public "are backends up?" query
+
+    return xla_bridge.backends_are_initialized()
 
 
 def data_mesh() -> jax.sharding.Mesh:

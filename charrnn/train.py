@@ -164,11 +164,7 @@ def use_memory_saving_schedule() -> bool:
     XLA:CPU reads the flag.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
-        return False
-    from jax._src import xla_bridge  # no public "are backends up?" query
-
-    if xla_bridge.backends_are_initialized():
+    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags or parallel.backends_started():
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SAVING_SCHEDULE}".strip()
     return True
