@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from charrnn import amx
 from charrnn.config import ModelConfig
 from charrnn.vocab import START
 
@@ -38,8 +39,23 @@ def _uniform(key, shape, bound):
 
 
 def _matmul(x, w, dtype):
-    """``x @ w`` with operands in ``dtype`` (bfloat16 uses the bf16 units) and a float32 result."""
+    """``x @ w`` with operands in ``dtype`` (bfloat16 uses the bf16 units) and a float32 result.
+
+    In bfloat16 on a CPU with AMX, the product runs on charrnn's tile kernel (``charrnn.amx``)
+    where its shape allows; ``w`` may then already be packed for it (``_in_loop_weights``).
+    """
+    if isinstance(w, _PackedBF16):
+        return amx.packed_dot(x, w.b, w.n)
+    if dtype == jnp.bfloat16 and amx.enabled():
+        return amx.dot(x.astype(dtype), w.astype(dtype))
     return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class _PackedBF16(NamedTuple):
+    """A loop-invariant weight packed once for the AMX kernel (``amx.pack``), ``n`` columns."""
+
+    b: Any
+    n: int
 
 
 class Cell(nnx.Module):
@@ -233,9 +249,12 @@ def _in_loop_weights(w, dtype, transpose: bool = False) -> tuple:
     scan: XLA:CPU does not reliably hoist these loop invariants, and a dot with a transposed
     operand inside the loop is ~10% slower than one on a pre-transposed copy. The optimization
     barrier stops XLA from folding the transpose back into the dot. Vectors (the GRU's
-    ``b_hh`` blocks) stay float32.
+    ``b_hh`` blocks) stay float32. In bfloat16 on the AMX kernel, matrices are packed for it
+    here instead (``_PackedBF16``).
     """
     w = tuple(wk if wk.ndim != 2 else wk.astype(dtype).T if transpose else wk.astype(dtype) for wk in w)
+    if dtype == jnp.bfloat16 and amx.enabled():
+        return tuple(_PackedBF16(amx.pack(wk), wk.shape[1]) if wk.ndim == 2 else wk for wk in w)
     return jax.lax.optimization_barrier(w) if transpose else w
 
 

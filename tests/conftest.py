@@ -7,6 +7,7 @@ reaches it instead of computing the wrong thing.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +31,11 @@ jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+# The AMX kernel (charrnn.amx) is compiled once per session into a session-local cache, not
+# into the user's ~/.cache; subprocesses the tests start inherit it.
+_KERNEL_CACHE = tempfile.mkdtemp(prefix="charrnn-tests-kernels-")
+os.environ["CHARRNN_KERNEL_CACHE"] = _KERNEL_CACHE
+
 settings.register_profile(
     "charrnn", deadline=None, derandomize=True, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -42,6 +48,7 @@ TINY_TEXT = "the cat sat on the mat.\nthe dog ran to the barn!\n"
 
 def pytest_unconfigure(config):
     shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+    shutil.rmtree(_KERNEL_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config):
