@@ -27,6 +27,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,16 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def pack(b_KxN):
-    """``b`` (K, N) as the kernel reads it: bfloat16, zero-padded to K % 32 == 0 and
-    N % 16 == 0, in panels of 16 columns with column pairs interleaved along K; shape
-    ``(N/16, K/2, 32)``. Pack a loop-invariant matrix once, outside the loop."""
-    k, n = b_KxN.shape
+def pack(b, transpose: bool = False):
+    """``b`` (K, N) -- or ``b.T`` when ``transpose``, ``b`` then being (N, K) -- as the kernel
+    reads it: bfloat16, zero-padded to K % 32 == 0 and N % 16 == 0, in panels of 16 columns
+    with column pairs interleaved along K; shape ``(N/16, K/2, 32)``. Pack a loop-invariant
+    matrix once, outside the loop."""
+    k, n = b.shape[::-1] if transpose else b.shape
     out = jax.ShapeDtypeStruct((_round_up(n, 16) // 16, _round_up(k, 32) // 2, 32), jnp.bfloat16)
     # In C (kernels/amx_matmul.cc): XLA:CPU runs this transpose at ~0.4 GB/s, which cost more
     # per train step than the matmuls it feeds.
-    return jax.ffi.ffi_call(_PACK_TARGET, out)(b_KxN.astype(jnp.bfloat16))
+    return jax.ffi.ffi_call(_PACK_TARGET, out)(b.astype(jnp.bfloat16), transpose=np.int32(transpose))
 
 
 def packed_dot(a_MxK, b_packed, n: int):
@@ -171,7 +173,8 @@ def _dot_bwd(res, d_c):
     a, b = res
     d_c = d_c.astype(jnp.bfloat16)
     a2, d2 = a.reshape(-1, a.shape[-1]), d_c.reshape(-1, d_c.shape[-1])
-    return (_plain_dot(d_c, b.T).astype(a.dtype), _plain_dot(a2.T, d2).astype(b.dtype))
+    d_a = packed_dot(d_c, pack(b, transpose=True), b.shape[0]) if enabled() else _plain_dot(d_c, b.T)
+    return d_a.astype(a.dtype), _plain_dot(a2.T, d2).astype(b.dtype)
 
 
 dot.defvjp(_dot_fwd, _dot_bwd)

@@ -252,9 +252,10 @@ def _in_loop_weights(w, dtype, transpose: bool = False) -> tuple:
     ``b_hh`` blocks) stay float32. In bfloat16 on the AMX kernel, matrices are packed for it
     here instead (``_PackedBF16``).
     """
-    w = tuple(wk if wk.ndim != 2 else wk.astype(dtype).T if transpose else wk.astype(dtype) for wk in w)
     if dtype == jnp.bfloat16 and amx.enabled():
-        return tuple(_PackedBF16(amx.pack(wk), wk.shape[1]) if wk.ndim == 2 else wk for wk in w)
+        return tuple(wk if wk.ndim != 2 else _PackedBF16(amx.pack(wk, transpose), wk.shape[0 if transpose else 1])
+                     for wk in w)
+    w = tuple(wk if wk.ndim != 2 else wk.astype(dtype).T if transpose else wk.astype(dtype) for wk in w)
     return jax.lax.optimization_barrier(w) if transpose else w
 
 

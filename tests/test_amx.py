@@ -172,3 +172,13 @@ def test_the_kernel_is_built_once_and_reused(tmp_path):
     (on, _), _ = _probe({}, tmp_path)
     assert on == "True"
     assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
+
+
+@needs_amx
+def test_pack_transposed_is_pack_of_the_transpose():
+    b = jnp.asarray(np.random.default_rng(4).standard_normal((40, 70)), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(amx.pack(b, transpose=True), np.float32),
+                                  np.asarray(amx.pack(b.T), np.float32))
+    a = jnp.asarray(np.random.default_rng(5).standard_normal((9, 70)), jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(amx.packed_dot(a, amx.pack(b, transpose=True), 40)),
+                               exact(a, b.T), atol=1e-4, rtol=0)

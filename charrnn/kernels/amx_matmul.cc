@@ -124,43 +124,50 @@ ffi::Error AmxMatmulImpl(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
   return ffi::Error::Success();
 }
 
-// out (N'/16, K'/2, 32) = b (K x N) in the layout Block reads, zero-padded to K' = K rounded up
-// to 32 and N' = N rounded up to 16. XLA's own transpose for this runs at ~0.4 GB/s.
-void Pack(const uint16_t* b, uint16_t* out, int64_t K, int64_t N, int64_t Kp, int64_t Np) {
+// out (N'/16, K'/2, 32) = B (K x N) in the layout Block reads, zero-padded to K' = K rounded up
+// to 32 and N' = N rounded up to 16. B is b, or b's transpose when b is (N x K) and
+// transpose is set (the backward pass multiplies by transposed weights: packing straight from
+// the weight saves XLA a transpose copy). XLA's own transpose for packing ran at ~0.4 GB/s.
+void Pack(const uint16_t* b, uint16_t* out, int64_t K, int64_t N, int64_t Kp, int64_t Np, bool transpose) {
+  // Element (k, n) of B sits at b[k * ks + n * ns].
+  const int64_t ks = transpose ? 1 : N, ns = transpose ? K : 1;
   for (int64_t n0 = 0; n0 < Np; n0 += 16) {
     uint16_t* panel = out + (n0 / 16) * Kp * 16;
     const int64_t cols = N - n0 < 16 ? N - n0 : 16;
     for (int64_t k = 0; k < Kp; k += 2) {
       uint16_t* row = panel + (k / 2) * 32;
-      const uint16_t* r0 = k < K ? b + k * N + n0 : nullptr;
-      const uint16_t* r1 = k + 1 < K ? b + (k + 1) * N + n0 : nullptr;
       for (int64_t j = 0; j < 16; ++j) {
-        row[2 * j] = (r0 && j < cols) ? r0[j] : 0;
-        row[2 * j + 1] = (r1 && j < cols) ? r1[j] : 0;
+        const int64_t n = n0 + j;
+        row[2 * j] = (k < K && j < cols) ? b[k * ks + n * ns] : 0;
+        row[2 * j + 1] = (k + 1 < K && j < cols) ? b[(k + 1) * ks + n * ns] : 0;
       }
     }
   }
 }
 
-ffi::Error AmxPackImpl(ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::BF16> out) {
+ffi::Error AmxPackImpl(ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::BF16> out, int32_t transpose) {
   auto bd = b.dimensions();
   auto od = out->dimensions();
   if (bd.size() != 2 || od.size() != 3 || od[2] != 32) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "amx_pack: bad ranks");
   }
-  const int64_t K = bd[0], N = bd[1], Np = od[0] * 16, Kp = od[1] * 2;
+  const int64_t K = transpose ? bd[1] : bd[0], N = transpose ? bd[0] : bd[1];
+  const int64_t Np = od[0] * 16, Kp = od[1] * 2;
   if (Kp % 32 || Kp < K || Kp - K >= 32 || Np < N || Np - N >= 16) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "amx_pack: bad shapes");
   }
   Pack(reinterpret_cast<const uint16_t*>(b.typed_data()), reinterpret_cast<uint16_t*>(out->typed_data()),
-       K, N, Kp, Np);
+       K, N, Kp, Np, transpose != 0);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnAmxPack, AmxPackImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int32_t>("transpose"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnAmxMatmul, AmxMatmulImpl,
                               ffi::Ffi::Bind()
