@@ -134,19 +134,20 @@ def pack(b, transpose: bool = False):
 def packed_dot(a_MxK, b_packed, n: int):
     """``(a @ b)[..., :n]`` in float32 from bfloat16 ``a`` and ``pack(b)``. Not differentiable.
 
-    ``a`` may have leading axes (``(T, B, K)``): they are flattened into rows. Rows are
-    zero-padded to a multiple of 16 and columns to the packed K.
+    ``a`` may have leading axes (``(T, B, K)``): they are flattened into rows. Any number of
+    rows (the kernel configures its last tiles to the rows left); columns are zero-padded to the
+    packed K.
     """
     if a_MxK.ndim != 2:
         lead = a_MxK.shape[:-1]
         return packed_dot(a_MxK.reshape(-1, a_MxK.shape[-1]), b_packed, n).reshape(*lead, n)
     m, k = a_MxK.shape
-    rows, kp = _round_up(m, 16), b_packed.shape[1] * 2
+    kp = b_packed.shape[1] * 2
     a = a_MxK.astype(jnp.bfloat16)
-    if (rows, kp) != (m, k):
-        a = jnp.pad(a, ((0, rows - m), (0, kp - k)))
-    c = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, b_packed.shape[0] * 16), jnp.float32))(a, b_packed)
-    return c if c.shape == (m, n) else c[:m, :n]
+    if kp != k:
+        a = jnp.pad(a, ((0, 0), (0, kp - k)))
+    c = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, b_packed.shape[0] * 16), jnp.float32))(a, b_packed)
+    return c if c.shape[1] == n else c[:, :n]
 
 
 def _plain_dot(a, b):

@@ -106,7 +106,8 @@ HELP = {
     "save_every": "Write a checkpoint every N steps (default: at each evaluation).",
     "patience": "Stop after K evaluations without improvement.",
     "keep": "Checkpoints to keep besides the best.", "seed": "Seed for initialisation, dropout and sampling.",
-    "dtype": "Matmul precision: float32, or bfloat16 (float32 master weights and loss).",
+    "dtype": ("Matmul precision: float32, or bfloat16 (float32 master weights and loss; on CPUs "
+              "with AMX, charrnn's own tile kernel runs the matmuls: CHARRNN_AMX=0 turns it off)."),
     "max_bad_steps": "Stop after this many non-finite steps in a row.",
     "log_every": "Record the train loss in metrics.jsonl every N steps.",
     "sample_every": "Show a short sample every N steps (0: never).",

@@ -8,6 +8,7 @@ project's machines have) and skip elsewhere; the fallback tests run everywhere.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,14 @@ import pytest
 from charrnn import amx
 
 needs_amx = pytest.mark.skipif(not amx.enabled(), reason="no AMX-BF16 CPU or no C++ compiler here")
+
+
+def test_kernel_is_used_where_it_can_be():
+    # Where the CPU has AMX and a C++ compiler is installed (this project's machines and CI),
+    # the kernel must build and load: otherwise every numeric test here would quietly skip.
+    if not amx._cpu_has_amx() or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no AMX-BF16 CPU or no C++ compiler here")
+    assert amx.enabled()
 
 
 def bf16_operands(m, k, n, seed=0):

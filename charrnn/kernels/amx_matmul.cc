@@ -5,8 +5,8 @@
 // (shape (N/16, K/2, 32), element [n/16][k/2][2*(n%16) + k%2] = B[k][n]), so each 32 x 16
 // block of B is one tile of 64-byte rows, contiguous in memory. (A row-major B read with a
 // stride of N*4 bytes maps every tile row of a wide matrix to the same L1 set: N = 2048 ran
-// at a third of the speed of N = 512.) M % 16 == 0, K % 32 == 0 and N % 16 == 0: the Python
-// side pads or falls back to XLA's dot otherwise.
+// at a third of the speed of N = 512.) Any M; K % 32 == 0 and N % 16 == 0 (the Python side
+// pads K and N).
 //
 // Built on first use by charrnn/amx.py with the system's C++ compiler; nothing here runs before
 // charrnn_amx_available() has checked CPUID and asked the kernel for the tile state.
@@ -35,24 +35,39 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// Tiles 0-3 accumulate C (16 x 16 float32 each), 4-5 hold A (16 x 32 bf16), 6-7 hold B
-// (16 pair-rows x 16 columns x 2).
-constexpr TileConfig MakeTileConfig() {
+// Tiles 0-3 accumulate C (16 x 16 float32 each: 0 and 1 the first 16 rows, 2 and 3 the next),
+// 4-5 hold A (16 x 32 bf16: rows of the first and second 16), 6-7 hold B (16 pair-rows x 16
+// columns x 2). kTileConfigs[0] has every tile full; kTileConfigs[r] is for a last row block of
+// r < 32 rows: its tiles hold only the rows that exist, so A is read and C written without
+// padding.
+constexpr TileConfig MakeTileConfig(int rows) {
   TileConfig cfg = {};
   cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  const int first = rows == 0 || rows > 16 ? 16 : rows;
+  const int second = rows == 0 ? 16 : rows > 16 ? rows - 16 : 1;  // (unused when rows <= 16)
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
+  cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = first;
+  cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = second;
+  cfg.rows[6] = cfg.rows[7] = 16;
   return cfg;
 }
 
-// A constant in memory, not a local: GCC 12 does not see that ldtilecfg reads all 64 bytes of
-// its operand and dropped the stores to a local's colsb fields at -O2 (the CPU then faults on
-// the invalid configuration).
-constexpr TileConfig kTileConfig = MakeTileConfig();
+struct TileConfigs {
+  TileConfig by_rows[32];
+};
 
-void LoadTileConfig() { _tile_loadconfig(&kTileConfig); }
+constexpr TileConfigs MakeTileConfigs() {
+  TileConfigs all = {};
+  for (int r = 0; r < 32; ++r) all.by_rows[r] = MakeTileConfig(r);
+  return all;
+}
+
+// Constants in memory, not locals: GCC 12 does not see that ldtilecfg reads all 64 bytes of its
+// operand and dropped the stores to a local's colsb fields at -O2 (the CPU then faults on the
+// invalid configuration).
+constexpr TileConfigs kTileConfigs = MakeTileConfigs();
+
+void LoadTileConfig(int64_t rows) { _tile_loadconfig(&kTileConfigs.by_rows[rows]); }
 
 // One (16 or 32) x (16 or 32) block of C over all of K.
 // b points at the first of the block's one or two B panels.
@@ -84,24 +99,36 @@ inline void Block(const uint16_t* a, const uint16_t* b, float* c, int64_t K, int
   if (kTwoM && kTwoN) _tile_stored(3, c + 16 * N + 16, c_stride);
 }
 
+void RowBlocks(const uint16_t* a, const uint16_t* b, float* c, int64_t m0, int64_t m1, bool two_m,
+               int64_t n0, int64_t n1, int64_t K, int64_t N) {
+  for (int64_t m = m0; m < m1; m += 32) {
+    for (int64_t n = n0; n < n1; n += 32) {
+      const bool two_n = n + 32 <= n1;
+      const uint16_t* am = a + m * K;
+      const uint16_t* bn = b + (n / 16) * K * 16;
+      float* cmn = c + m * N + n;
+      if (two_m && two_n) Block<true, true>(am, bn, cmn, K, N);
+      else if (two_m) Block<true, false>(am, bn, cmn, K, N);
+      else if (two_n) Block<false, true>(am, bn, cmn, K, N);
+      else Block<false, false>(am, bn, cmn, K, N);
+    }
+  }
+}
+
 void Matmul(const uint16_t* a, const uint16_t* b, float* c, int64_t M, int64_t K, int64_t N) {
-  LoadTileConfig();  // per call: tile configuration is per thread, and XLA may switch threads
+  const int64_t full = M / 32 * 32, rest = M - full;
+  int64_t loaded = -1;  // the configuration in the tile unit (loaded per call: it is per thread)
   // Columns in chunks of 128, so that a chunk of B (K x 128: 128 KB at K = 512) stays in L2
   // while every row block of A passes over it.
   for (int64_t n0 = 0; n0 < N; n0 += 128) {
     const int64_t n1 = n0 + 128 < N ? n0 + 128 : N;
-    for (int64_t m = 0; m < M; m += 32) {
-      const bool two_m = m + 32 <= M;
-      for (int64_t n = n0; n < n1; n += 32) {
-        const bool two_n = n + 32 <= n1;
-        const uint16_t* am = a + m * K;
-        const uint16_t* bn = b + (n / 16) * K * 16;
-        float* cmn = c + m * N + n;
-        if (two_m && two_n) Block<true, true>(am, bn, cmn, K, N);
-        else if (two_m) Block<true, false>(am, bn, cmn, K, N);
-        else if (two_n) Block<false, true>(am, bn, cmn, K, N);
-        else Block<false, false>(am, bn, cmn, K, N);
-      }
+    if (full) {
+      if (loaded != 0) LoadTileConfig(loaded = 0);
+      RowBlocks(a, b, c, 0, full, true, n0, n1, K, N);
+    }
+    if (rest) {  // the last rows, fewer than 32: tiles configured to their count
+      if (loaded != rest) LoadTileConfig(loaded = rest);
+      RowBlocks(a, b, c, full, M, rest > 16, n0, n1, K, N);
     }
   }
   _tile_release();  // leave no tile state behind for context switches to save
@@ -116,7 +143,7 @@ ffi::Error AmxMatmulImpl(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "amx_matmul: bad ranks");
   }
   const int64_t M = ad[0], K = ad[1], N = bd[0] * 16;
-  if (bd[1] * 2 != K || cd[0] != M || cd[1] != N || M % 16 || K % 32 || N % 16) {
+  if (bd[1] * 2 != K || cd[0] != M || cd[1] != N || K % 32 || N % 16) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "amx_matmul: bad shapes");
   }
   Matmul(reinterpret_cast<const uint16_t*>(a.typed_data()),
