@@ -41,8 +41,8 @@ def _uniform(key, shape, bound):
 def _matmul(x, w, dtype):
     """``x @ w`` with operands in ``dtype`` (bfloat16 uses the bf16 units) and a float32 result.
 
-    In bfloat16 on a CPU with AMX, the product runs on charrnn's tile kernel (``charrnn.amx``)
-    where its shape allows; ``w`` may then already be packed for it (``_in_loop_weights``).
+    In bfloat16 on a CPU with AMX, the product runs on charrnn's tile kernel (``charrnn.amx``);
+    ``w`` may then already be packed for it (``_in_loop_weights``).
     """
     if isinstance(w, _PackedBF16):
         return amx.packed_dot(x, w.b, w.n)
