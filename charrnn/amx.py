@@ -153,10 +153,11 @@ def packed_dot(a_MxK, b_packed, n: int):
     return c if c.shape[1] == n else c[:, :n]
 
 
-def _plain_dot(a, b):
+def _plain_dot(a, b, transpose_b: bool = False):
+    """``a @ b`` (``a @ b.T`` when ``transpose_b``) in float32, on the kernel when enabled."""
     if enabled():
-        return packed_dot(a, pack(b), b.shape[1])
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+        return packed_dot(a, pack(b, transpose_b), b.shape[0 if transpose_b else 1])
+    return jnp.dot(a, b.T if transpose_b else b, preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
@@ -177,8 +178,7 @@ def _dot_bwd(res, d_c):
     a, b = res
     d_c = d_c.astype(jnp.bfloat16)
     a2, d2 = a.reshape(-1, a.shape[-1]), d_c.reshape(-1, d_c.shape[-1])
-    d_a = packed_dot(d_c, pack(b, transpose=True), b.shape[0]) if enabled() else _plain_dot(d_c, b.T)
-    return d_a.astype(a.dtype), _plain_dot(a2.T, d2).astype(b.dtype)
+    return _plain_dot(d_c, b, transpose_b=True).astype(a.dtype), _plain_dot(a2.T, d2).astype(b.dtype)
 
 
 dot.defvjp(_dot_fwd, _dot_bwd)

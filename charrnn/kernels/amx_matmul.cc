@@ -69,7 +69,7 @@ constexpr TileConfigs kTileConfigs = MakeTileConfigs();
 
 void LoadTileConfig(int64_t rows) { _tile_loadconfig(&kTileConfigs.by_rows[rows]); }
 
-// One (16 or 32) x (16 or 32) block of C over all of K.
+// One block of C, up to 32 rows (two row tiles when kTwoM) by 16 or 32 columns, over all of K.
 // b points at the first of the block's one or two B panels.
 template <bool kTwoM, bool kTwoN>
 inline void Block(const uint16_t* a, const uint16_t* b, float* c, int64_t K, int64_t N) {
