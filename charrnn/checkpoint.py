@@ -351,15 +351,23 @@ def resolve(run: Path, which: str = "latest") -> Path:
         return run
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run directory")
-    target = read_pointer(run, which)
-    if target is None and which == "best":
-        target = read_pointer(run, "latest")
-    if target is None:
-        raise CheckpointError(f"{run}: holds no checkpoint (no '{which}' pointer); train it first")
-    path = run / target
-    if not path.is_dir():
-        raise CheckpointError(f"{run / which}: names {target}, which does not exist")
-    return path
+    target = None
+    for _ in range(10):
+        previous = target
+        target = read_pointer(run, which)
+        if target is None and which == "best":
+            target = read_pointer(run, "latest")
+        if target is None:
+            raise CheckpointError(f"{run}: holds no checkpoint (no '{which}' pointer); train it first")
+        path = run / target
+        if path.is_dir():
+            return path
+        # A run being trained with a small --keep may commit a newer checkpoint and retire this
+        # one between our reading the pointer and looking: only a pointer that still names a
+        # missing directory when read again is broken.
+        if target == previous:
+            break
+    raise CheckpointError(f"{run / which}: names {target}, which does not exist")
 
 
 def read_checkpoint(path: Path, expected: Optional[Mapping[str, tuple[tuple[int, ...], str]]] = None,

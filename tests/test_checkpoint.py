@@ -334,6 +334,16 @@ def test_pointers(tmp_path):
         ckpt.resolve(run)
 
 
+def test_resolve_follows_a_pointer_that_moved_on_while_it_looked(tmp_path, monkeypatch):
+    # A trainer with --keep 1 commits ckpt 4 and retires ckpt 3 between our reading the
+    # pointer (still "3") and looking for the directory: resolve must read the pointer again.
+    run = tmp_path / "run"
+    write(tmp_path, step=3)
+    answers = iter(["ckpt-00000002", "ckpt-00000003"])  # 2 is already gone, then the pointer moved
+    monkeypatch.setattr(ckpt, "read_pointer", lambda run_dir, pointer: next(answers))
+    assert ckpt.resolve(run) == run / "ckpt-00000003"
+
+
 def test_prune_keeps_latest_and_best(tmp_path):
     run = tmp_path / "run"
     for step in (1, 2, 3, 4, 5):
