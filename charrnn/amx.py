@@ -3,8 +3,7 @@
 XLA:CPU runs a bfloat16 dot of the shapes a recurrent step multiplies (a few dozen rows by a
 512 x 512 gate block) at ~100-180 GFLOP/s on this project's Sapphire Rapids VM; a plain
 tile kernel (``kernels/amx_matmul.cc``, one core) runs them at ~200-400. The kernel is an XLA
-FFI custom call, compiled on first use with the system's C++ compiler into the user's cache
-(``$XDG_CACHE_HOME/charrnn/kernels``) and loaded with ctypes.
+FFI custom call, compiled on first use with the system's C++ compiler (``charrnn.native``).
 
 ``enabled()`` says whether it is in use: the default backend is the CPU, the CPU has AMX-BF16,
 the operating system grants the tile state, the compiler ran, and ``CHARRNN_AMX`` is not
@@ -17,65 +16,21 @@ losses of bf16 training steps with and without the kernel agree to 2e-4).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from charrnn import native
+
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "kernels" / "amx_matmul.cc"
 _TARGET = "charrnn_amx_matmul"
 _PACK_TARGET = "charrnn_amx_pack"
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("CHARRNN_KERNEL_CACHE"):
-        return Path(os.environ["CHARRNN_KERNEL_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "charrnn" / "kernels"
-
-
-def _build() -> Optional[Path]:
-    """The compiled kernel library (built once per source, JAX and compiler), or None."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        log.info("AMX kernel: no C++ compiler found; bfloat16 matmuls use XLA's dot")
-        return None
-    include = jax.ffi.include_dir()
-    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-mamx-tile", "-mamx-bf16", f"-I{include}"]
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jax.__version__, cxx, *flags]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"amx_matmul-{key}.so"
-    if out.is_file():
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Compile beside the target and rename: a concurrent or interrupted build never leaves
-        # a half-written library under the final name.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cxx, *flags, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=300)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        log.warning("AMX kernel: build failed (%s %s); bfloat16 matmuls use XLA's dot",
-                    e, detail.decode(errors="replace")[-500:])
-        return None
-    return out
+_FALLBACK = "bfloat16 matmuls use XLA's dot"
 
 
 @functools.cache
@@ -84,33 +39,20 @@ def _load() -> bool:
         return False
     if not _cpu_has_amx():
         return False
-    path = _build()
-    if path is None:
-        return False
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        log.warning("AMX kernel: cannot load %s (%s); bfloat16 matmuls use XLA's dot", path, e)
+    lib = native.load("amx_matmul", ["-O2", "-mamx-tile", "-mamx-bf16"], _FALLBACK)
+    if lib is None:
         return False
     if not lib.charrnn_amx_available():
-        log.info("AMX kernel: the OS does not grant the AMX tile state; bfloat16 matmuls use XLA's dot")
+        log.info("AMX kernel: the OS does not grant the AMX tile state; %s", _FALLBACK)
         return False
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CharrnnAmxMatmul), platform="cpu")
     jax.ffi.register_ffi_target(_PACK_TARGET, jax.ffi.pycapsule(lib.CharrnnAmxPack), platform="cpu")
-    log.info("AMX kernel: bfloat16 matmuls run on AMX tiles (%s)", path)
+    log.info("AMX kernel: bfloat16 matmuls run on AMX tiles")
     return True
 
 
 def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split()
-                    return "amx_bf16" in flags and "amx_tile" in flags
-    except OSError:
-        pass
-    return False
+    return {"amx_bf16", "amx_tile"} <= native.cpu_flags()
 
 
 def enabled() -> bool:

@@ -1,0 +1,105 @@
+"""A whole float32 LSTM layer over a training window in one native call, forward and backward.
+
+XLA's scan runs each time step of a layer as ~15 separately dispatched operations (four small
+dots, a dozen elementwise fusions, the writes of the stacked outputs); at the shapes char-rnn
+trains on a CPU (a few dozen rows per device) that dispatch and the small dots' per-call cost
+were about half of a step. ``kernels/lstm_cpu.cc`` runs the window's T steps in one XLA FFI
+custom call: per step one AVX-512 matmul of the previous ``h`` with all four gate blocks
+(packed once per call), then the gate arithmetic in registers; and the backward pass the same
+way in reverse. The weight gradient (one large matmul over all steps) stays with XLA.
+
+``enabled()``: the default backend is the CPU, the CPU has AVX-512, the kernel built
+(``charrnn.native``) and ``CHARRNN_LSTM_KERNEL`` is not ``0``. Otherwise ``LSTMCell.scan`` runs
+XLA's scan. Results agree with it to float32 rounding (the sums run in another order, and
+``exp``/``tanh`` are other polynomial approximations of similar accuracy): tests/test_lstm_kernel.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from charrnn import native
+
+log = logging.getLogger(__name__)
+
+_FALLBACK = "float32 LSTM layers run on XLA's scan"
+_PANEL = 32
+
+
+@functools.cache
+def _load() -> bool:
+    if os.environ.get("CHARRNN_LSTM_KERNEL") == "0" or jax.default_backend() != "cpu":
+        return False
+    if "avx512f" not in native.cpu_flags():
+        return False
+    lib = native.load("lstm_cpu", ["-O3", "-mavx512f", "-mfma"], _FALLBACK)
+    if lib is None or not lib.charrnn_lstm_available():
+        return False
+    for name, fn in (("pack", lib.CharrnnLstmPack), ("forward", lib.CharrnnLstmForward),
+                     ("backward", lib.CharrnnLstmBackward)):
+        jax.ffi.register_ffi_target(f"charrnn_lstm_{name}", jax.ffi.pycapsule(fn), platform="cpu")
+    log.info("LSTM kernel: float32 LSTM layers run on charrnn's AVX-512 kernel")
+    return True
+
+
+def enabled() -> bool:
+    """Whether float32 LSTM layers train on the native kernel in this process (decided once)."""
+    return _load()
+
+
+def _pack(w_blocks, transpose: bool):
+    """The four ``(H, H)`` gate blocks of ``w_hh`` (transposed and stacked along K when
+    ``transpose``, for the backward) in the kernel's 32-column panels."""
+    h = w_blocks[0].shape[0]
+    hp = -(-h // _PANEL) * _PANEL
+    shape = (hp // _PANEL, 4 * h, _PANEL) if transpose else (4 * hp // _PANEL, h, _PANEL)
+    return jax.ffi.ffi_call("charrnn_lstm_pack", jax.ShapeDtypeStruct(shape, jnp.float32))(
+        *w_blocks, transpose=np.int32(transpose))
+
+
+def _forward(w_blocks, carry0, xw_blocks, keep_TxBx1):
+    c0, h0 = carry0
+    t, b, h = xw_blocks[0].shape
+    out = jax.ShapeDtypeStruct((t, b, h), jnp.float32)
+    return jax.ffi.ffi_call("charrnn_lstm_forward", (out, out, jax.ShapeDtypeStruct((t, b, 4 * h), jnp.float32)))(
+        *xw_blocks, _pack(w_blocks, False), c0, h0, keep_TxBx1)
+
+
+@jax.custom_vjp
+def layer(w_blocks, carry0, xw_blocks, keep_TxBx1):
+    """One LSTM layer over a window: ``(final_carry, h_TxBxH)``, as ``LSTMCell.scan`` defines it.
+
+    ``w_blocks``: ``w_hh``'s four ``(H, H)`` gate blocks (i, f, g, o); ``carry0``: ``(c, h)``,
+    each ``(B, H)``; ``xw_blocks``: the input projections per gate, bias included, each
+    ``(T, B, H)``; ``keep_TxBx1``: 0 where the state is reset before a step, else 1.
+    """
+    h_all, c_all, _ = _forward(w_blocks, carry0, xw_blocks, keep_TxBx1)
+    return (c_all[-1], h_all[-1]), h_all
+
+
+def _layer_fwd(w_blocks, carry0, xw_blocks, keep_TxBx1):
+    h_all, c_all, gates = _forward(w_blocks, carry0, xw_blocks, keep_TxBx1)
+    return ((c_all[-1], h_all[-1]), h_all), (w_blocks, carry0, h_all, c_all, gates, keep_TxBx1)
+
+
+def _layer_bwd(res, cotangents):
+    w_blocks, (c0, h0), h_all, c_all, gates, keep_TxBx1 = res
+    (dc, dh), dh_all = cotangents
+    bh = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
+    tbh = jax.ShapeDtypeStruct(h_all.shape, jnp.float32)
+    *dz, dc0, dh0 = jax.ffi.ffi_call("charrnn_lstm_backward", (tbh,) * 4 + (bh, bh))(
+        _pack(w_blocks, True), gates, c_all, c0, keep_TxBx1, dh_all, dc, dh)
+    # The recurrent weights' gradient for all steps at once: h_prev^T @ dz per gate block, where
+    # h_prev is what each step read (the previous step's h, or h0, zeroed where reset).
+    h_prev = (jnp.concatenate([h0[None], h_all[:-1]], axis=0) * keep_TxBx1).reshape(-1, h0.shape[-1])
+    d_w = tuple(jnp.dot(h_prev.T, d.reshape(h_prev.shape)) for d in dz)
+    return d_w, (dc0, dh0), tuple(dz), jnp.zeros_like(keep_TxBx1)
+
+
+layer.defvjp(_layer_fwd, _layer_bwd)

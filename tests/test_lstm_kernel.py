@@ -1,0 +1,198 @@
+"""The native float32 LSTM layer (``charrnn.lstm_kernel``): values and gradients against XLA's
+scan and an independent float64 reference, the model on it, and its fallbacks.
+
+The numeric tests run where the kernel can (an AVX-512 CPU and a C++ compiler, as this
+project's machines have) and skip elsewhere; the fallback tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charrnn import lstm_kernel, native
+from charrnn import model as M
+
+needs_kernel = pytest.mark.skipif(not lstm_kernel.enabled(), reason="no AVX-512 CPU or no C++ compiler here")
+
+
+def test_kernel_is_used_where_it_can_be():
+    # Where the CPU has AVX-512 and a C++ compiler is installed (this project's machines and
+    # CI), the kernel must build and load: otherwise every numeric test here would quietly skip.
+    if "avx512f" not in native.cpu_flags() or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no AVX-512 CPU or no C++ compiler here")
+    assert lstm_kernel.enabled()
+
+
+def inputs(T, B, H, seed=0, reset=0.15):
+    rng = np.random.default_rng(seed)
+    w = tuple(jnp.asarray(rng.uniform(-1, 1, (H, H)) * H ** -0.5, jnp.float32) for _ in range(4))
+    xw = tuple(jnp.asarray(rng.standard_normal((T, B, H)), jnp.float32) for _ in range(4))
+    keep = (rng.random((T, B, 1)) > reset).astype(np.float32)
+    keep[0, B - 1] = 0.0  # a reset on the very first step, too (the last row's)
+    carry0 = tuple(jnp.asarray(rng.standard_normal((B, H)), jnp.float32) for _ in range(2))
+    return w, carry0, xw, jnp.asarray(keep)
+
+
+def reference(w, carry0, xw, keep):
+    """The LSTM in float64 numpy, step by step: (h_all, c_all)."""
+    w = [np.asarray(x, np.float64) for x in w]
+    xw = [np.asarray(x, np.float64) for x in xw]
+    keep = np.asarray(keep, np.float64)
+    c, h = (np.asarray(x, np.float64) for x in carry0)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    hs, cs = [], []
+    for t in range(keep.shape[0]):
+        c, h = c * keep[t], h * keep[t]
+        i, f, g, o = (xw[k][t] + h @ w[k] for k in range(4))
+        i, f, g, o = sig(i), sig(f), np.tanh(g), sig(o)
+        c = f * c + i * g
+        h = o * np.tanh(c)
+        hs.append(h)
+        cs.append(c)
+    return np.stack(hs), np.stack(cs)
+
+
+def xla_layer(w, carry0, xw, keep):
+    return M._scan_layer(M.LSTMCell, jnp.float32, 1, w, carry0, xw, keep)
+
+
+SHAPES = [(7, 1, 16), (12, 5, 40), (9, 13, 100), (5, 32, 64), (3, 25, 33)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,B,H", SHAPES)
+def test_forward_matches_a_float64_reference(T, B, H):
+    w, carry0, xw, keep = inputs(T, B, H)
+    (c_T, h_T), h_all = jax.jit(lstm_kernel.layer)(w, carry0, xw, keep)
+    ref_h, ref_c = reference(w, carry0, xw, keep)
+    assert h_all.shape == (T, B, H) and h_all.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(h_all), ref_h, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(c_T), ref_c[-1], atol=2e-6 * max(1, np.abs(ref_c).max()), rtol=0)
+    np.testing.assert_array_equal(np.asarray(h_T), np.asarray(h_all[-1]))
+    assert np.abs(ref_h).max() > 0.5  # and really an LSTM's output, not zeros within a bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,B,H", SHAPES)
+def test_gradients_match_xla_scan(T, B, H):
+    w, carry0, xw, keep = inputs(T, B, H, seed=1)
+    proj = jnp.asarray(np.random.default_rng(2).standard_normal((T, B, H)), jnp.float32)
+
+    def loss(layer, w, carry0, xw):
+        (c, h), h_all = layer(w, carry0, xw, keep)
+        return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
+
+    got = jax.jit(jax.value_and_grad(lambda *a: loss(lstm_kernel.layer, *a), argnums=(0, 1, 2)))(w, carry0, xw)
+    want = jax.jit(jax.value_and_grad(lambda *a: loss(xla_layer, *a), argnums=(0, 1, 2)))(w, carry0, xw)
+    # a sum of T*B*H terms of order 1, each within a few float32 ulps
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=0, atol=1e-7 * T * B * H)
+    assert all(float(jnp.max(jnp.abs(g))) > 0.01 for g in got[1][0])  # the weights' gradients
+    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert g.shape == r.shape
+        scale = float(jnp.max(jnp.abs(r)))
+        if scale == 0.0:  # the initial carry of a row reset on the first step
+            assert float(jnp.max(jnp.abs(g))) == 0.0
+            continue
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * scale, rtol=0)
+
+
+@needs_kernel
+def test_a_reset_cuts_the_gradient_to_the_state_before_it():
+    # keep = 0 at step 3 for every row: nothing before it, the initial carry included, may
+    # receive gradient from the outputs after it.
+    w, carry0, xw, keep = inputs(6, 4, 32, seed=3, reset=0.0)
+    keep = keep.at[:].set(1.0).at[3].set(0.0)
+
+    def late(carry0, xw):
+        return jnp.sum(lstm_kernel.layer(w, carry0, xw, keep)[1][3:])
+
+    d_carry0, d_xw = jax.grad(late, argnums=(0, 1))(carry0, xw)
+    assert all(float(jnp.abs(d).max()) == 0.0 for d in d_carry0)
+    assert all(float(jnp.abs(d[:3]).max()) == 0.0 and float(jnp.abs(d[3:]).max()) > 0 for d in d_xw)
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_how_many_there_are():
+    # Data parallelism gives each device some of the rows: a row's result must not depend on
+    # how many rows share the call (the matmul's row blocks differ), bit for bit.
+    w, carry0, xw, keep = inputs(8, 29, 48, seed=4)
+    whole = jax.jit(lstm_kernel.layer)(w, carry0, xw, keep)[1]
+    part = jax.jit(lstm_kernel.layer)(w, tuple(c[5:12] for c in carry0), tuple(x[:, 5:12] for x in xw),
+                                      keep[:, 5:12])[1]
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(whole[:, 5:12]))
+
+
+def _train_losses(monkeypatch, kernel: bool, cell="lstm", dtype="float32"):
+    from charrnn.config import ModelConfig, TrainConfig
+    from charrnn.model import build_model
+    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
+
+    monkeypatch.setattr(lstm_kernel, "enabled", lambda: kernel)
+    cfg = TrainConfig(batch_size=8, seq_len=12, lr=1e-2, dtype=dtype)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(1, 40, (8, 13)).astype(np.int32) for _ in range(3)]  # 1: START resets
+    model = build_model(ModelConfig(cell=cell, layers=2, hidden=48), 40, 0)
+    opt = make_optimizer(cfg, lr_schedule(cfg, None))
+    graphdef, state = init_state(model, opt, 0)
+    step = make_train_step(graphdef, opt, cfg)
+    text = step.lower(state, model.initial_carry(8), (batches[0][:, :-1], batches[0][:, 1:], np.bool_(False))).as_text()
+    carry, out = model.initial_carry(8), []
+    for x in batches:
+        state, carry, m = step(state, carry, (x[:, :-1], x[:, 1:], np.bool_(False)))
+        out.append(float(m["loss"]))
+    return text, out
+
+
+@needs_kernel
+def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch):
+    text_k, with_kernel = _train_losses(monkeypatch, True)
+    text_x, with_xla = _train_losses(monkeypatch, False)
+    assert "charrnn_lstm_forward" in text_k and "charrnn_lstm_backward" in text_k
+    assert "charrnn_lstm" not in text_x
+    np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-5)
+    assert with_kernel[-1] < with_kernel[0]
+
+
+@pytest.mark.parametrize("cell,dtype", [("gru", "float32"), ("rnn", "float32"), ("lstm", "bfloat16")])
+def test_only_float32_lstm_layers_use_it(monkeypatch, cell, dtype):
+    text, _ = _train_losses(monkeypatch, True, cell, dtype)
+    assert "charrnn_lstm" not in text
+
+
+_PROBE = ("import charrnn.lstm_kernel as k, jax.numpy as jnp; print(k.enabled()); "
+          "from charrnn.model import LSTMCell; from flax import nnx; "
+          "c = LSTMCell(3, 16, one_hot=True, rngs=nnx.Rngs(0)); "
+          "out = c.scan(c.initial_carry(2), c.project_blocks(jnp.zeros((4, 2), jnp.int32)), jnp.ones((4, 2, 1))); "
+          "print(f'{float(out[1].sum()):.5f}')")
+
+
+def _probe(env_extra, tmp_path):
+    env = dict(os.environ, CHARRNN_KERNEL_CACHE=str(tmp_path / "kernels"), **env_extra)
+    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split(), r.stderr
+
+
+def test_charrnn_lstm_kernel_0_turns_it_off(tmp_path):
+    (on, value), _ = _probe({"CHARRNN_LSTM_KERNEL": "0"}, tmp_path)
+    assert on == "False"
+    assert not list((tmp_path / "kernels").glob("lstm_cpu-*.so"))  # nothing built
+    if lstm_kernel.enabled():  # the same layer on the kernel, to float32 rounding
+        (on_k, value_k), _ = _probe({}, tmp_path)
+        assert on_k == "True" and abs(float(value_k) - float(value)) < 1e-4
+
+
+@needs_kernel
+def test_a_failed_build_falls_back_to_xla(tmp_path):
+    (on, value), err = _probe({"CXX": "false", "CHARRNN_AMX": "0"}, tmp_path)
+    assert on == "False" and float(value) != 0.0
+    assert "build failed" in err
+    assert not list((tmp_path / "kernels").glob("*.so"))  # no half-built library left behind
