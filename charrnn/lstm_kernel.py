@@ -53,53 +53,54 @@ def enabled() -> bool:
     return _load()
 
 
-def _pack(w_blocks, transpose: bool):
-    """The four ``(H, H)`` gate blocks of ``w_hh`` (transposed and stacked along K when
-    ``transpose``, for the backward) in the kernel's 32-column panels."""
-    h = w_blocks[0].shape[0]
+def _pack(w_hh, transpose: bool):
+    """``w_hh`` (H, 4H) -- its transpose, for the backward, when ``transpose`` -- in the
+    kernel's 32-column panels."""
+    h = w_hh.shape[0]
     hp = -(-h // _PANEL) * _PANEL
     shape = (hp // _PANEL, 4 * h, _PANEL) if transpose else (4 * hp // _PANEL, h, _PANEL)
     return jax.ffi.ffi_call("charrnn_lstm_pack", jax.ShapeDtypeStruct(shape, jnp.float32))(
-        *w_blocks, transpose=np.int32(transpose))
+        w_hh, transpose=np.int32(transpose))
 
 
-def _forward(w_blocks, carry0, xw_blocks, keep_TxBx1):
+def _forward(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
     c0, h0 = carry0
-    t, b, h = xw_blocks[0].shape
-    out = jax.ShapeDtypeStruct((t, b, h), jnp.float32)
-    return jax.ffi.ffi_call("charrnn_lstm_forward", (out, out, jax.ShapeDtypeStruct((t, b, 4 * h), jnp.float32)))(
-        *xw_blocks, _pack(w_blocks, False), c0, h0, keep_TxBx1)
+    t, b, g = xw_TxBxG.shape
+    out = jax.ShapeDtypeStruct((t, b, g // 4), jnp.float32)
+    return jax.ffi.ffi_call("charrnn_lstm_forward", (out, out, jax.ShapeDtypeStruct((t, b, g), jnp.float32)))(
+        xw_TxBxG, _pack(w_hh, False), bias, c0, h0, keep_TxBx1)
 
 
 @jax.custom_vjp
-def layer(w_blocks, carry0, xw_blocks, keep_TxBx1):
-    """One LSTM layer over a window: ``(final_carry, h_TxBxH)``, as ``LSTMCell.scan`` defines it.
+def layer(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
+    """One LSTM layer over a window: ``(final_carry, h_TxBxH)``, as ``LSTMCell.scan`` computes it.
 
-    ``w_blocks``: ``w_hh``'s four ``(H, H)`` gate blocks (i, f, g, o); ``carry0``: ``(c, h)``,
-    each ``(B, H)``; ``xw_blocks``: the input projections per gate, bias included, each
-    ``(T, B, H)``; ``keep_TxBx1``: 0 where the state is reset before a step, else 1.
+    ``w_hh``: ``(H, 4H)``, gate blocks i, f, g, o side by side; ``bias``: ``(4H,)``;
+    ``carry0``: ``(c, h)``, each ``(B, H)``; ``xw_TxBxG``: the input projection, without the
+    bias; ``keep_TxBx1``: 0 where the state is reset before a step, else 1.
     """
-    h_all, c_all, _ = _forward(w_blocks, carry0, xw_blocks, keep_TxBx1)
+    h_all, c_all, _ = _forward(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
     return (c_all[-1], h_all[-1]), h_all
 
 
-def _layer_fwd(w_blocks, carry0, xw_blocks, keep_TxBx1):
-    h_all, c_all, gates = _forward(w_blocks, carry0, xw_blocks, keep_TxBx1)
-    return ((c_all[-1], h_all[-1]), h_all), (w_blocks, carry0, h_all, c_all, gates, keep_TxBx1)
+def _layer_fwd(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
+    h_all, c_all, gates = _forward(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
+    return ((c_all[-1], h_all[-1]), h_all), (w_hh, carry0, h_all, c_all, gates, keep_TxBx1)
 
 
 def _layer_bwd(res, cotangents):
-    w_blocks, (c0, h0), h_all, c_all, gates, keep_TxBx1 = res
+    w_hh, (c0, h0), h_all, c_all, gates, keep_TxBx1 = res
     (dc, dh), dh_all = cotangents
     bh = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
-    tbh = jax.ShapeDtypeStruct(h_all.shape, jnp.float32)
-    *dz, dc0, dh0 = jax.ffi.ffi_call("charrnn_lstm_backward", (tbh,) * 4 + (bh, bh))(
-        _pack(w_blocks, True), gates, c_all, c0, keep_TxBx1, dh_all, dc, dh)
-    # The recurrent weights' gradient for all steps at once: h_prev^T @ dz per gate block, where
-    # h_prev is what each step read (the previous step's h, or h0, zeroed where reset).
+    dz, d_bias, dc0, dh0 = jax.ffi.ffi_call(
+        "charrnn_lstm_backward", (jax.ShapeDtypeStruct(gates.shape, jnp.float32),
+                                  jax.ShapeDtypeStruct(gates.shape[-1:], jnp.float32), bh, bh))(
+        _pack(w_hh, True), gates, c_all, c0, keep_TxBx1, dh_all, dc, dh)
+    # The recurrent weights' gradient for all steps at once, h_prev^T @ dz, where h_prev is
+    # what each step read (the previous step's h, or h0, zeroed where reset).
     h_prev = (jnp.concatenate([h0[None], h_all[:-1]], axis=0) * keep_TxBx1).reshape(-1, h0.shape[-1])
-    d_w = tuple(jnp.dot(h_prev.T, d.reshape(h_prev.shape)) for d in dz)
-    return d_w, (dc0, dh0), tuple(dz), jnp.zeros_like(keep_TxBx1)
+    d_w = jnp.dot(h_prev.T, dz.reshape(h_prev.shape[0], -1))
+    return d_w, d_bias, (dc0, dh0), dz, jnp.zeros_like(keep_TxBx1)
 
 
 layer.defvjp(_layer_fwd, _layer_bwd)

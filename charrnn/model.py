@@ -156,6 +156,12 @@ class Cell(nnx.Module):
         return _scan_layer(type(self), dtype, unroll, self.recurrent_weights(), tuple(carry),
                            _as_blocks(xw_TxBxG, self.gates), keep_TxBx1)
 
+    def layer(self, carry, x, keep_TxBx1, dtype=jnp.float32, unroll: int = 1):
+        """The layer over a window from its input ``x`` (``(T, B)`` token ids, or the layer
+        below's ``(T, B, H_in)`` output): ``scan`` of ``project_blocks``. Returns
+        ``(final_carry, h_TxBxH)``."""
+        return self.scan(carry, self.project_blocks(x, dtype), keep_TxBx1, dtype, unroll)
+
     # --- the recurrence as pure functions (subclasses define these) -------------------------
 
     @staticmethod
@@ -293,13 +299,17 @@ class LSTMCell(Cell):
     gates = 4
     state_arity = 2
 
-    def scan(self, carry, xw_TxBxG, keep_TxBx1, dtype=jnp.float32, unroll: int = 1):
-        """``Cell.scan``; in float32 on a CPU with AVX-512, the whole window runs in one native
-        call each way (``charrnn.lstm_kernel``)."""
+    def layer(self, carry, x, keep_TxBx1, dtype=jnp.float32, unroll: int = 1):
+        """``Cell.layer``; in float32 on a CPU with AVX-512, the whole window runs in one native
+        call each way (``charrnn.lstm_kernel``), on whole ``(..., 4H)`` arrays: the gate blocks
+        are kept apart only for XLA's scan (see ``_gate_blocks``)."""
         if dtype == jnp.float32 and lstm_kernel.enabled():
-            return lstm_kernel.layer(self.recurrent_weights(), tuple(carry), _as_blocks(xw_TxBxG, self.gates),
-                                     keep_TxBx1)
-        return super().scan(carry, xw_TxBxG, keep_TxBx1, dtype, unroll)
+            if self.one_hot:
+                xw_TxBxG = jnp.take(self.w_ih[...], x, axis=0)
+            else:
+                xw_TxBxG = jnp.dot(x, self.w_ih[...], preferred_element_type=jnp.float32)
+            return lstm_kernel.layer(self.w_hh[...], self.b_ih[...], tuple(carry), xw_TxBxG, keep_TxBx1)
+        return super().layer(carry, x, keep_TxBx1, dtype, unroll)
 
     @staticmethod
     def forward(w, carry, xw, dtype):
@@ -498,7 +508,7 @@ class CharRNN(nnx.Module):
         x = tokens_TxB
         new_carry = []
         for cell, c0, key in zip(self.cells, carry, keys):
-            c, h_TxBxH = cell.scan(c0, cell.project_blocks(x, dtype), keep_TxBx1, dtype, unroll)
+            c, h_TxBxH = cell.layer(c0, x, keep_TxBx1, dtype, unroll)
             new_carry.append(c)
             x = _dropout(h_TxBxH, self.config.dropout, key, dropout_rows)
         logits_TxBxV = self.logits(x, dtype)

@@ -32,26 +32,27 @@ def test_kernel_is_used_where_it_can_be():
 
 
 def inputs(T, B, H, seed=0, reset=0.15):
+    """``(w_hh, bias, carry0, xw_TxBxG, keep)`` for ``lstm_kernel.layer``."""
     rng = np.random.default_rng(seed)
-    w = tuple(jnp.asarray(rng.uniform(-1, 1, (H, H)) * H ** -0.5, jnp.float32) for _ in range(4))
-    xw = tuple(jnp.asarray(rng.standard_normal((T, B, H)), jnp.float32) for _ in range(4))
+    w = jnp.asarray(rng.uniform(-1, 1, (H, 4 * H)) * H ** -0.5, jnp.float32)
+    bias = jnp.asarray(rng.uniform(-0.5, 0.5, 4 * H), jnp.float32)
+    xw = jnp.asarray(rng.standard_normal((T, B, 4 * H)), jnp.float32)
     keep = (rng.random((T, B, 1)) > reset).astype(np.float32)
     keep[0, B - 1] = 0.0  # a reset on the very first step, too (the last row's)
     carry0 = tuple(jnp.asarray(rng.standard_normal((B, H)), jnp.float32) for _ in range(2))
-    return w, carry0, xw, jnp.asarray(keep)
+    return w, bias, carry0, xw, jnp.asarray(keep)
 
 
-def reference(w, carry0, xw, keep):
+def reference(w, bias, carry0, xw, keep):
     """The LSTM in float64 numpy, step by step: (h_all, c_all)."""
-    w = [np.asarray(x, np.float64) for x in w]
-    xw = [np.asarray(x, np.float64) for x in xw]
+    w, bias, xw = (np.asarray(x, np.float64) for x in (w, bias, xw))
     keep = np.asarray(keep, np.float64)
     c, h = (np.asarray(x, np.float64) for x in carry0)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     hs, cs = [], []
     for t in range(keep.shape[0]):
         c, h = c * keep[t], h * keep[t]
-        i, f, g, o = (xw[k][t] + h @ w[k] for k in range(4))
+        i, f, g, o = np.split(xw[t] + bias + h @ w, 4, axis=-1)
         i, f, g, o = sig(i), sig(f), np.tanh(g), sig(o)
         c = f * c + i * g
         h = o * np.tanh(c)
@@ -60,8 +61,10 @@ def reference(w, carry0, xw, keep):
     return np.stack(hs), np.stack(cs)
 
 
-def xla_layer(w, carry0, xw, keep):
-    return M._scan_layer(M.LSTMCell, jnp.float32, 1, w, carry0, xw, keep)
+def xla_layer(w, bias, carry0, xw, keep):
+    """The same layer on XLA's scan (the model's path without the kernel)."""
+    return M._scan_layer(M.LSTMCell, jnp.float32, 1, M._gate_blocks(w, 4), carry0,
+                         M._gate_blocks(xw + bias[None, None], 4), keep)
 
 
 SHAPES = [(7, 1, 16), (12, 5, 40), (9, 13, 100), (5, 32, 64), (3, 25, 33)]
@@ -70,9 +73,9 @@ SHAPES = [(7, 1, 16), (12, 5, 40), (9, 13, 100), (5, 32, 64), (3, 25, 33)]
 @needs_kernel
 @pytest.mark.parametrize("T,B,H", SHAPES)
 def test_forward_matches_a_float64_reference(T, B, H):
-    w, carry0, xw, keep = inputs(T, B, H)
-    (c_T, h_T), h_all = jax.jit(lstm_kernel.layer)(w, carry0, xw, keep)
-    ref_h, ref_c = reference(w, carry0, xw, keep)
+    w, bias, carry0, xw, keep = inputs(T, B, H)
+    (c_T, h_T), h_all = jax.jit(lstm_kernel.layer)(w, bias, carry0, xw, keep)
+    ref_h, ref_c = reference(w, bias, carry0, xw, keep)
     assert h_all.shape == (T, B, H) and h_all.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(h_all), ref_h, atol=2e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(c_T), ref_c[-1], atol=2e-6 * max(1, np.abs(ref_c).max()), rtol=0)
@@ -83,18 +86,19 @@ def test_forward_matches_a_float64_reference(T, B, H):
 @needs_kernel
 @pytest.mark.parametrize("T,B,H", SHAPES)
 def test_gradients_match_xla_scan(T, B, H):
-    w, carry0, xw, keep = inputs(T, B, H, seed=1)
+    w, bias, carry0, xw, keep = inputs(T, B, H, seed=1)
     proj = jnp.asarray(np.random.default_rng(2).standard_normal((T, B, H)), jnp.float32)
 
-    def loss(layer, w, carry0, xw):
-        (c, h), h_all = layer(w, carry0, xw, keep)
+    def loss(layer, w, bias, carry0, xw):
+        (c, h), h_all = layer(w, bias, carry0, xw, keep)
         return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
 
-    got = jax.jit(jax.value_and_grad(lambda *a: loss(lstm_kernel.layer, *a), argnums=(0, 1, 2)))(w, carry0, xw)
-    want = jax.jit(jax.value_and_grad(lambda *a: loss(xla_layer, *a), argnums=(0, 1, 2)))(w, carry0, xw)
+    args = (w, bias, carry0, xw)
+    got = jax.jit(jax.value_and_grad(lambda *a: loss(lstm_kernel.layer, *a), argnums=(0, 1, 2, 3)))(*args)
+    want = jax.jit(jax.value_and_grad(lambda *a: loss(xla_layer, *a), argnums=(0, 1, 2, 3)))(*args)
     # a sum of T*B*H terms of order 1, each within a few float32 ulps
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=0, atol=1e-7 * T * B * H)
-    assert all(float(jnp.max(jnp.abs(g))) > 0.01 for g in got[1][0])  # the weights' gradients
+    assert float(jnp.max(jnp.abs(got[1][0]))) > 0.01 and float(jnp.max(jnp.abs(got[1][1]))) > 0.01
     for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert g.shape == r.shape
         scale = float(jnp.max(jnp.abs(r)))
@@ -108,26 +112,26 @@ def test_gradients_match_xla_scan(T, B, H):
 def test_a_reset_cuts_the_gradient_to_the_state_before_it():
     # keep = 0 at step 3 for every row: nothing before it, the initial carry included, may
     # receive gradient from the outputs after it.
-    w, carry0, xw, keep = inputs(6, 4, 32, seed=3, reset=0.0)
+    w, bias, carry0, xw, keep = inputs(6, 4, 32, seed=3, reset=0.0)
     keep = keep.at[:].set(1.0).at[3].set(0.0)
 
     def late(carry0, xw):
-        return jnp.sum(lstm_kernel.layer(w, carry0, xw, keep)[1][3:])
+        return jnp.sum(lstm_kernel.layer(w, bias, carry0, xw, keep)[1][3:])
 
     d_carry0, d_xw = jax.grad(late, argnums=(0, 1))(carry0, xw)
     assert all(float(jnp.abs(d).max()) == 0.0 for d in d_carry0)
-    assert all(float(jnp.abs(d[:3]).max()) == 0.0 and float(jnp.abs(d[3:]).max()) > 0 for d in d_xw)
+    assert float(jnp.abs(d_xw[:3]).max()) == 0.0 and float(jnp.abs(d_xw[3:]).max()) > 0
 
 
 @needs_kernel
 def test_rows_do_not_depend_on_how_many_there_are():
     # Data parallelism gives each device some of the rows: a row's result must not depend on
     # how many rows share the call (the matmul's row blocks differ), bit for bit.
-    w, carry0, xw, keep = inputs(8, 29, 48, seed=4)
-    whole = jax.jit(lstm_kernel.layer)(w, carry0, xw, keep)[1]
-    part = jax.jit(lstm_kernel.layer)(w, tuple(c[5:12] for c in carry0), tuple(x[:, 5:12] for x in xw),
-                                      keep[:, 5:12])[1]
-    np.testing.assert_array_equal(np.asarray(part), np.asarray(whole[:, 5:12]))
+    w, bias, carry0, xw, keep = inputs(8, 29, 48, seed=4)
+    whole = jax.jit(lstm_kernel.layer)(w, bias, carry0, xw, keep)[1]
+    for rows in (slice(5, 12), slice(0, 1), slice(3, 28)):
+        part = jax.jit(lstm_kernel.layer)(w, bias, tuple(c[rows] for c in carry0), xw[:, rows], keep[:, rows])[1]
+        np.testing.assert_array_equal(np.asarray(part), np.asarray(whole[:, rows]))
 
 
 def _train_losses(monkeypatch, kernel: bool, cell="lstm", dtype="float32"):
@@ -170,7 +174,7 @@ def test_only_float32_lstm_layers_use_it(monkeypatch, cell, dtype):
 _PROBE = ("import charrnn.lstm_kernel as k, jax.numpy as jnp; print(k.enabled()); "
           "from charrnn.model import LSTMCell; from flax import nnx; "
           "c = LSTMCell(3, 16, one_hot=True, rngs=nnx.Rngs(0)); "
-          "out = c.scan(c.initial_carry(2), c.project_blocks(jnp.zeros((4, 2), jnp.int32)), jnp.ones((4, 2, 1))); "
+          "out = c.layer(c.initial_carry(2), jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 2, 1))); "
           "print(f'{float(out[1].sum()):.5f}')")
 
 

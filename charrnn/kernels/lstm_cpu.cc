@@ -8,15 +8,16 @@
 // the previous h with all four gate blocks at once (weights packed once per call), then the
 // gate arithmetic in AVX-512 registers.
 //
-// Shapes (row-major, float32): T steps, B rows (this device's), H hidden.
-//   forward  (xi, xf, xg, xo: T x B x H, the input projections per gate with the bias folded
-//             in; w: 4*Hp/32 x H x 32, pack(w_hh) below; c0, h0: B x H; keep: T x B x 1, 0 where
-//             the state is reset before the step) -> h_all, c_all: T x B x H, the carry after
-//             each step; gates: T x B x 4H, the activated gates (i, f, g, o) each step.
-//   backward (wt: Hp/32 x 4H x 32, pack(w_hh, transpose); gates, c_all, c0, keep as above;
-//             dh_all: T x B x H, the cotangent of h_all; dc, dh: B x H, of the final carry)
-//             -> dzi, dzf, dzg, dzo: T x B x H, the cotangents of the gates' pre-activations
-//             (equal to those of the input projections and of h @ w_hh); dc0, dh0: B x H.
+// Shapes (row-major, float32): T steps, B rows (this device's), H hidden, G = 4H (the gate
+// blocks i, f, g, o side by side, as in w_hh).
+//   forward  (xw: T x B x G, the input projections without bias; w: pack(w_hh) below;
+//             bias: G; c0, h0: B x H; keep: T x B x 1, 0 where the state is reset before the
+//             step) -> h_all, c_all: T x B x H, the carry after each step; gates: T x B x G,
+//             the activated gates each step.
+//   backward (wt: pack(w_hh, transpose); gates, c_all, c0, keep as above; dh_all: T x B x H,
+//             the cotangent of h_all; dc, dh: B x H, of the final carry) -> dz: T x B x G, the
+//             cotangent of the gates' pre-activations (equal to those of xw, of the bias at
+//             each step and of h @ w_hh); d_bias: G, dz summed over steps and rows; dc0, dh0.
 // The weight gradient (h_prev^T @ dz over all steps) is one large matmul, left to XLA.
 //
 // Hp is H rounded up to 32: packed weights are panels of 32 columns (K x 32, contiguous), the
@@ -62,31 +63,41 @@ inline void Micro(const float* a, int64_t lda, const float* panel, int64_t K, fl
   }
 }
 
+// One block of 1-12 rows of A times one panel.
+void Rows(const float* ai, int64_t lda, int64_t rows, const float* panel, int64_t K, float* ci, int64_t ldc) {
+  switch (rows) {
+    case 1: Micro<1>(ai, lda, panel, K, ci, ldc); break;
+    case 2: Micro<2>(ai, lda, panel, K, ci, ldc); break;
+    case 3: Micro<3>(ai, lda, panel, K, ci, ldc); break;
+    case 4: Micro<4>(ai, lda, panel, K, ci, ldc); break;
+    case 5: Micro<5>(ai, lda, panel, K, ci, ldc); break;
+    case 6: Micro<6>(ai, lda, panel, K, ci, ldc); break;
+    case 7: Micro<7>(ai, lda, panel, K, ci, ldc); break;
+    case 8: Micro<8>(ai, lda, panel, K, ci, ldc); break;
+    case 9: Micro<9>(ai, lda, panel, K, ci, ldc); break;
+    case 10: Micro<10>(ai, lda, panel, K, ci, ldc); break;
+    case 11: Micro<11>(ai, lda, panel, K, ci, ldc); break;
+    case 12: Micro<12>(ai, lda, panel, K, ci, ldc); break;
+    default: break;
+  }
+}
+
 // C (M x panels*32, row stride ldc) = A (M x K) @ the packed panels. Panel by panel, so one
 // panel (K x 32) stays in L1/L2 while every row block of A passes over it.
 void Matmul(const float* a, int64_t lda, int64_t M, int64_t K, const float* panels, int64_t n_panels,
             float* c, int64_t ldc) {
-  constexpr int MR = 12;
+  // Row blocks of at most 12 rows (24 accumulators), as even as the rows allow: 25 rows run
+  // as 9 + 8 + 8, not 12 + 12 + 1 (a one-row block does two FMAs per two loads of B). Every
+  // row's sums run in the same order whatever its block, so a row's result does not depend
+  // on how many rows share the call.
+  const int64_t blocks = (M + 11) / 12;
   for (int64_t p = 0; p < n_panels; ++p) {
     const float* panel = panels + p * K * kPanel;
     float* cp = c + p * kPanel;
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR) Micro<MR>(a + i * lda, lda, panel, K, cp + i * ldc, ldc);
-    const float* ai = a + i * lda;
-    float* ci = cp + i * ldc;
-    switch (M - i) {
-      case 1: Micro<1>(ai, lda, panel, K, ci, ldc); break;
-      case 2: Micro<2>(ai, lda, panel, K, ci, ldc); break;
-      case 3: Micro<3>(ai, lda, panel, K, ci, ldc); break;
-      case 4: Micro<4>(ai, lda, panel, K, ci, ldc); break;
-      case 5: Micro<5>(ai, lda, panel, K, ci, ldc); break;
-      case 6: Micro<6>(ai, lda, panel, K, ci, ldc); break;
-      case 7: Micro<7>(ai, lda, panel, K, ci, ldc); break;
-      case 8: Micro<8>(ai, lda, panel, K, ci, ldc); break;
-      case 9: Micro<9>(ai, lda, panel, K, ci, ldc); break;
-      case 10: Micro<10>(ai, lda, panel, K, ci, ldc); break;
-      case 11: Micro<11>(ai, lda, panel, K, ci, ldc); break;
-      default: break;
+    for (int64_t blk = 0, i = 0; blk < blocks; ++blk) {
+      const int64_t rows = (M - i) / (blocks - blk);
+      Rows(a + i * lda, lda, rows, panel, K, cp + i * ldc, ldc);
+      i += rows;
     }
   }
 }
@@ -142,9 +153,9 @@ inline void Store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m,
 
 // ---- the layer ---------------------------------------------------------------------------
 
-void Forward(const float* const xw[4], const float* wp, const float* c0, const float* h0, const float* keep,
-             float* h_all, float* c_all, float* gates, int64_t T, int64_t B, int64_t H) {
-  const int64_t Hp = RoundUp(H, kPanel), BH = B * H;
+void Forward(const float* xw, const float* wp, const float* bias, const float* c0, const float* h0,
+             const float* keep, float* h_all, float* c_all, float* gates, int64_t T, int64_t B, int64_t H) {
+  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H;
   std::vector<float> prev_h(B * H), z(B * 4 * Hp);
   for (int64_t t = 0; t < T; ++t) {
     const float* c_before = t ? c_all + (t - 1) * BH : c0;
@@ -158,13 +169,16 @@ void Forward(const float* const xw[4], const float* wp, const float* c0, const f
       const __m512 k = _mm512_set1_ps(keep[t * B + b]);
       const int64_t row = t * BH + b * H;
       const float* zr = z.data() + b * 4 * Hp;
-      float* gr = gates + (t * B + b) * 4 * H;
+      const float* xr = xw + (t * B + b) * G;
+      float* gr = gates + (t * B + b) * G;
       for (int64_t j = 0; j < H; j += 16) {
         const __mmask16 m = Tail(H - j);
-        const __m512 i = Sigmoid(_mm512_add_ps(Load(xw[0] + row + j, m), Load(zr + j, m)));
-        const __m512 f = Sigmoid(_mm512_add_ps(Load(xw[1] + row + j, m), Load(zr + Hp + j, m)));
-        const __m512 g = Tanh(_mm512_add_ps(Load(xw[2] + row + j, m), Load(zr + 2 * Hp + j, m)));
-        const __m512 o = Sigmoid(_mm512_add_ps(Load(xw[3] + row + j, m), Load(zr + 3 * Hp + j, m)));
+        __m512 pre[4];
+        for (int q = 0; q < 4; ++q) {
+          pre[q] = _mm512_add_ps(_mm512_add_ps(Load(xr + q * H + j, m), Load(bias + q * H + j, m)),
+                                 Load(zr + q * Hp + j, m));
+        }
+        const __m512 i = Sigmoid(pre[0]), f = Sigmoid(pre[1]), g = Tanh(pre[2]), o = Sigmoid(pre[3]);
         const __m512 c_prev = _mm512_mul_ps(Load(c_before + b * H + j, m), k);
         const __m512 c = _mm512_fmadd_ps(f, c_prev, _mm512_mul_ps(i, g));
         Store(c_all + row + j, m, c);
@@ -179,18 +193,20 @@ void Forward(const float* const xw[4], const float* wp, const float* c0, const f
 }
 
 void Backward(const float* wtp, const float* gates, const float* c_all, const float* c0, const float* keep,
-              const float* dh_all, const float* dc_T, const float* dh_T, float* const dz_out[4], float* dc0,
+              const float* dh_all, const float* dc_T, const float* dh_T, float* dz_all, float* d_bias, float* dc0,
               float* dh0, int64_t T, int64_t B, int64_t H) {
-  const int64_t Hp = RoundUp(H, kPanel), BH = B * H;
-  std::vector<float> dz(B * 4 * H), d_prev_h(B * Hp), dc(dc_T, dc_T + BH), dh(dh_T, dh_T + BH);
+  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H;
+  std::vector<float> d_prev_h(B * Hp), dc(dc_T, dc_T + BH), dh(dh_T, dh_T + BH);
+  std::memset(d_bias, 0, G * sizeof(float));
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_before = t ? c_all + (t - 1) * BH : c0;
+    float* dz = dz_all + t * B * G;  // this step's rows: also the matmul's A below
     for (int64_t b = 0; b < B; ++b) {
       const __m512 k = _mm512_set1_ps(keep[t * B + b]);
       const int64_t row = t * BH + b * H;
-      const float* gr = gates + (t * B + b) * 4 * H;
-      float* dzr = dz.data() + b * 4 * H;
+      const float* gr = gates + (t * B + b) * G;
+      float* dzr = dz + b * G;
       for (int64_t j = 0; j < H; j += 16) {
         const __mmask16 m = Tail(H - j);
         const __m512 i = Load(gr + j, m), f = Load(gr + H + j, m), g = Load(gr + 2 * H + j, m),
@@ -201,24 +217,21 @@ void Backward(const float* wtp, const float* gates, const float* c_all, const fl
         // dc += dh * o * (1 - tanh(c)^2)
         const __m512 d_c = _mm512_fmadd_ps(_mm512_mul_ps(d_h, o), _mm512_fnmadd_ps(tc, tc, one),
                                            Load(dc.data() + b * H + j, m));
-        const __m512 dzi = _mm512_mul_ps(_mm512_mul_ps(d_c, g), _mm512_mul_ps(i, _mm512_sub_ps(one, i)));
-        const __m512 dzf = _mm512_mul_ps(_mm512_mul_ps(d_c, c_prev), _mm512_mul_ps(f, _mm512_sub_ps(one, f)));
-        const __m512 dzg = _mm512_mul_ps(_mm512_mul_ps(d_c, i), _mm512_fnmadd_ps(g, g, one));
-        const __m512 dzo = _mm512_mul_ps(_mm512_mul_ps(d_h, tc), _mm512_mul_ps(o, _mm512_sub_ps(one, o)));
-        Store(dzr + j, m, dzi);
-        Store(dzr + H + j, m, dzf);
-        Store(dzr + 2 * H + j, m, dzg);
-        Store(dzr + 3 * H + j, m, dzo);
-        Store(dz_out[0] + row + j, m, dzi);
-        Store(dz_out[1] + row + j, m, dzf);
-        Store(dz_out[2] + row + j, m, dzg);
-        Store(dz_out[3] + row + j, m, dzo);
+        const __m512 d[4] = {
+            _mm512_mul_ps(_mm512_mul_ps(d_c, g), _mm512_mul_ps(i, _mm512_sub_ps(one, i))),
+            _mm512_mul_ps(_mm512_mul_ps(d_c, c_prev), _mm512_mul_ps(f, _mm512_sub_ps(one, f))),
+            _mm512_mul_ps(_mm512_mul_ps(d_c, i), _mm512_fnmadd_ps(g, g, one)),
+            _mm512_mul_ps(_mm512_mul_ps(d_h, tc), _mm512_mul_ps(o, _mm512_sub_ps(one, o)))};
+        for (int q = 0; q < 4; ++q) {
+          Store(dzr + q * H + j, m, d[q]);
+          Store(d_bias + q * H + j, m, _mm512_add_ps(Load(d_bias + q * H + j, m), d[q]));
+        }
         // The cotangent of the cell state the step read, zeroed where that state was reset.
         Store(dc.data() + b * H + j, m, _mm512_mul_ps(_mm512_mul_ps(d_c, f), k));
       }
     }
     // d h_prev = dz @ w_hh^T, all four gates in one matmul over K = 4H.
-    Matmul(dz.data(), 4 * H, B, 4 * H, wtp, Hp / kPanel, d_prev_h.data(), Hp);
+    Matmul(dz, G, B, G, wtp, Hp / kPanel, d_prev_h.data(), Hp);
     for (int64_t b = 0; b < B; ++b) {
       const float k = keep[t * B + b];
       for (int64_t j = 0; j < H; ++j) dh[b * H + j] = d_prev_h[b * Hp + j] * k;
@@ -228,12 +241,12 @@ void Backward(const float* wtp, const float* gates, const float* c_all, const fl
   std::memcpy(dh0, dh.data(), BH * sizeof(float));
 }
 
-// The four (H x H) gate blocks of w_hh as the matmul reads them. Forward (transpose = 0):
-// B = [w_i | w_f | w_g | w_o] (H x 4H), each block's columns padded to Hp, in 4*Hp/32 panels
-// of (H x 32). Backward (transpose = 1): B = [w_i^T; w_f^T; w_g^T; w_o^T] (4H x H), columns
-// padded to Hp, in Hp/32 panels of (4H x 32).
-void Pack(const float* const w[4], float* out, int64_t H, bool transpose) {
-  const int64_t Hp = RoundUp(H, kPanel);
+// w_hh (H x 4H, gate blocks i, f, g, o side by side) as the matmul reads it. Forward
+// (transpose = 0): B = w_hh with each block's columns padded to Hp, in 4*Hp/32 panels of
+// (H x 32). Backward (transpose = 1): B = w_hh^T (4H x H), columns padded to Hp, in Hp/32
+// panels of (4H x 32).
+void Pack(const float* w, float* out, int64_t H, bool transpose) {
+  const int64_t Hp = RoundUp(H, kPanel), G = 4 * H;
   if (!transpose) {
     for (int g = 0; g < 4; ++g)
       for (int64_t p = 0; p < Hp / kPanel; ++p) {
@@ -241,18 +254,16 @@ void Pack(const float* const w[4], float* out, int64_t H, bool transpose) {
         for (int64_t k = 0; k < H; ++k)
           for (int64_t t = 0; t < kPanel; ++t) {
             const int64_t n = p * kPanel + t;
-            panel[k * kPanel + t] = n < H ? w[g][k * H + n] : 0.0f;
+            panel[k * kPanel + t] = n < H ? w[k * G + g * H + n] : 0.0f;
           }
       }
   } else {
     for (int64_t p = 0; p < Hp / kPanel; ++p) {
-      float* panel = out + p * 4 * H * kPanel;
-      for (int g = 0; g < 4; ++g)
-        for (int64_t i = 0; i < H; ++i)
-          for (int64_t t = 0; t < kPanel; ++t) {
-            const int64_t n = p * kPanel + t;
-            panel[(g * H + i) * kPanel + t] = n < H ? w[g][n * H + i] : 0.0f;
-          }
+      float* panel = out + p * G * kPanel;
+      for (int64_t t = 0; t < kPanel; ++t) {
+        const int64_t n = p * kPanel + t;
+        for (int64_t k = 0; k < G; ++k) panel[k * kPanel + t] = n < H ? w[n * G + k] : 0.0f;
+      }
     }
   }
 }
@@ -264,68 +275,67 @@ using F32Ret = ffi::ResultBuffer<ffi::F32>;
 
 ffi::Error Bad(const char* what) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, what); }
 
-ffi::Error PackImpl(F32 wi, F32 wf, F32 wg, F32 wo, F32Ret out, int32_t transpose) {
-  const auto d = wi.dimensions();
-  if (d.size() != 2 || d[0] != d[1]) return Bad("lstm_pack: blocks must be H x H");
-  const int64_t H = d[0], Hp = RoundUp(H, kPanel);
-  const int64_t expected = 4 * H * Hp;
-  if (out->element_count() != static_cast<size_t>(expected)) return Bad("lstm_pack: bad output size");
-  const float* w[4] = {wi.typed_data(), wf.typed_data(), wg.typed_data(), wo.typed_data()};
-  Pack(w, out->typed_data(), H, transpose != 0);
+bool Count(const F32& x, int64_t n) { return x.element_count() == static_cast<size_t>(n); }
+
+ffi::Error PackImpl(F32 w, F32Ret out, int32_t transpose) {
+  const auto d = w.dimensions();
+  if (d.size() != 2 || d[1] != 4 * d[0]) return Bad("lstm_pack: w_hh must be H x 4H");
+  const int64_t H = d[0];
+  if (out->element_count() != static_cast<size_t>(4 * H * RoundUp(H, kPanel))) {
+    return Bad("lstm_pack: bad output size");
+  }
+  Pack(w.typed_data(), out->typed_data(), H, transpose != 0);
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(F32 xi, F32 xf, F32 xg, F32 xo, F32 wp, F32 c0, F32 h0, F32 keep, F32Ret h_all,
-                       F32Ret c_all, F32Ret gates) {
-  const auto d = xi.dimensions();
-  if (d.size() != 3) return Bad("lstm_forward: xw must be T x B x H");
-  const int64_t T = d[0], B = d[1], H = d[2];
-  if (wp.element_count() != static_cast<size_t>(4 * H * RoundUp(H, kPanel)) ||
-      c0.element_count() != static_cast<size_t>(B * H) || keep.element_count() != static_cast<size_t>(T * B)) {
+ffi::Error ForwardImpl(F32 xw, F32 wp, F32 bias, F32 c0, F32 h0, F32 keep, F32Ret h_all, F32Ret c_all,
+                       F32Ret gates) {
+  const auto d = xw.dimensions();
+  if (d.size() != 3 || d[2] % 4) return Bad("lstm_forward: xw must be T x B x 4H");
+  const int64_t T = d[0], B = d[1], H = d[2] / 4;
+  if (!Count(wp, 4 * H * RoundUp(H, kPanel)) || !Count(bias, 4 * H) || !Count(c0, B * H) || !Count(h0, B * H) ||
+      !Count(keep, T * B)) {
     return Bad("lstm_forward: inconsistent shapes");
   }
-  const float* xw[4] = {xi.typed_data(), xf.typed_data(), xg.typed_data(), xo.typed_data()};
-  Forward(xw, wp.typed_data(), c0.typed_data(), h0.typed_data(), keep.typed_data(), h_all->typed_data(),
-          c_all->typed_data(), gates->typed_data(), T, B, H);
+  Forward(xw.typed_data(), wp.typed_data(), bias.typed_data(), c0.typed_data(), h0.typed_data(),
+          keep.typed_data(), h_all->typed_data(), c_all->typed_data(), gates->typed_data(), T, B, H);
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_all, F32 dc, F32 dh, F32Ret dzi,
-                        F32Ret dzf, F32Ret dzg, F32Ret dzo, F32Ret dc0, F32Ret dh0) {
+ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_all, F32 dc, F32 dh, F32Ret dz,
+                        F32Ret d_bias, F32Ret dc0, F32Ret dh0) {
   const auto d = c_all.dimensions();
   if (d.size() != 3) return Bad("lstm_backward: c_all must be T x B x H");
   const int64_t T = d[0], B = d[1], H = d[2];
-  if (wtp.element_count() != static_cast<size_t>(4 * H * RoundUp(H, kPanel)) ||
-      gates.element_count() != static_cast<size_t>(4 * T * B * H) ||
-      dh.element_count() != static_cast<size_t>(B * H) || keep.element_count() != static_cast<size_t>(T * B)) {
+  if (!Count(wtp, 4 * H * RoundUp(H, kPanel)) || !Count(gates, 4 * T * B * H) || !Count(dh_all, T * B * H) ||
+      !Count(c0, B * H) || !Count(dc, B * H) || !Count(dh, B * H) || !Count(keep, T * B)) {
     return Bad("lstm_backward: inconsistent shapes");
   }
-  float* dz[4] = {dzi->typed_data(), dzf->typed_data(), dzg->typed_data(), dzo->typed_data()};
   Backward(wtp.typed_data(), gates.typed_data(), c_all.typed_data(), c0.typed_data(), keep.typed_data(),
-           dh_all.typed_data(), dc.typed_data(), dh.typed_data(), dz, dc0->typed_data(), dh0->typed_data(), T, B, H);
+           dh_all.typed_data(), dc.typed_data(), dh.typed_data(), dz->typed_data(), d_bias->typed_data(),
+           dc0->typed_data(), dh0->typed_data(), T, B, H);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmPack, PackImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int32_t>(
-                                  "transpose"));
+                              ffi::Ffi::Bind().Arg<F32>().Ret<F32>().Attr<int32_t>("transpose"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForward, ForwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // xi, xf, xg, xo
-                                  .Arg<F32>()                                   // packed w_hh
-                                  .Arg<F32>().Arg<F32>()                        // c0, h0
-                                  .Arg<F32>()                                   // keep
-                                  .Ret<F32>().Ret<F32>().Ret<F32>());           // h_all, c_all, gates
+                                  .Arg<F32>()              // xw
+                                  .Arg<F32>().Arg<F32>()   // packed w_hh, bias
+                                  .Arg<F32>().Arg<F32>()   // c0, h0
+                                  .Arg<F32>()              // keep
+                                  .Ret<F32>().Ret<F32>().Ret<F32>());  // h_all, c_all, gates
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()                                   // packed w_hh^T
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // gates, c_all, c0, keep
                                   .Arg<F32>().Arg<F32>().Arg<F32>()             // dh_all, dc, dh
-                                  .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>()  // dzi, dzf, dzg, dzo
+                                  .Ret<F32>().Ret<F32>()                        // dz, d_bias
                                   .Ret<F32>().Ret<F32>());                      // dc0, dh0
 
 // 1 when this CPU runs the AVX-512 instructions above (F for the arithmetic), else 0.
