@@ -95,3 +95,33 @@ def shakespeare_path() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def _train_losses(cell: str, dtype: str, hidden: int, low_token: int = 2):
+    """Three train steps of a 2-layer ``cell`` model (vocabulary 40, batch 8 x 12) on fixed
+    batches of tokens ``low_token..39``: ``(lowered step text, [losses])``. The kernel tests
+    run it with a kernel on and off and compare."""
+    from charrnn.config import ModelConfig, TrainConfig
+    from charrnn.model import build_model
+    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
+
+    cfg = TrainConfig(batch_size=8, seq_len=12, lr=1e-2, dtype=dtype)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(low_token, 40, (8, 13)).astype(np.int32) for _ in range(3)]
+    model = build_model(ModelConfig(cell=cell, layers=2, hidden=hidden), 40, 0)
+    opt = make_optimizer(cfg, lr_schedule(cfg, None))
+    graphdef, state = init_state(model, opt, 0)
+    step = make_train_step(graphdef, opt, cfg)
+    first = (batches[0][:, :-1], batches[0][:, 1:], np.bool_(False))
+    text = step.lower(state, model.initial_carry(8), first).as_text()
+    carry, out = model.initial_carry(8), []
+    for x in batches:
+        state, carry, m = step(state, carry, (x[:, :-1], x[:, 1:], np.bool_(False)))
+        out.append(float(m["loss"]))
+    return text, out
+
+
+@pytest.fixture
+def train_losses():
+    """``_train_losses``: train steps' lowered text and losses, for comparing two code paths."""
+    return _train_losses

@@ -101,29 +101,12 @@ def test_dot_gradients_are_the_transposed_products():
 
 @needs_amx
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_bfloat16_training_on_the_kernel_matches_xla(cell, monkeypatch):
+def test_bfloat16_training_on_the_kernel_matches_xla(cell, monkeypatch, train_losses):
     # The same bfloat16 train steps with the kernel and with XLA's dot: both sum exact bfloat16
     # products in float32, so the losses agree to float32 rounding, not merely to bf16's 1%.
-    from charrnn.config import ModelConfig, TrainConfig
-    from charrnn.model import build_model
-    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
-
-    cfg = TrainConfig(batch_size=8, seq_len=12, lr=1e-2, dtype="bfloat16")
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(2, 40, (8, 13)).astype(np.int32) for _ in range(3)]
-
     def losses(kernel: bool):
         monkeypatch.setattr(amx, "enabled", lambda: kernel)
-        model = build_model(ModelConfig(cell=cell, layers=2, hidden=64), 40, 0)
-        opt = make_optimizer(cfg, lr_schedule(cfg, None))
-        graphdef, state = init_state(model, opt, 0)
-        step = make_train_step(graphdef, opt, cfg)
-        text = step.lower(state, model.initial_carry(8), (batches[0][:, :-1], batches[0][:, 1:], np.bool_(False))).as_text()
-        carry, out = model.initial_carry(8), []
-        for x in batches:
-            state, carry, m = step(state, carry, (x[:, :-1], x[:, 1:], np.bool_(False)))
-            out.append(float(m["loss"]))
-        return text, out
+        return train_losses(cell, "bfloat16", hidden=64)
 
     text_k, with_kernel = losses(True)
     text_x, with_xla = losses(False)

@@ -134,31 +134,13 @@ def test_rows_do_not_depend_on_how_many_there_are():
         np.testing.assert_array_equal(np.asarray(part), np.asarray(whole[:, rows]))
 
 
-def _train_losses(monkeypatch, kernel: bool, cell="lstm", dtype="float32"):
-    from charrnn.config import ModelConfig, TrainConfig
-    from charrnn.model import build_model
-    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
-
-    monkeypatch.setattr(lstm_kernel, "enabled", lambda: kernel)
-    cfg = TrainConfig(batch_size=8, seq_len=12, lr=1e-2, dtype=dtype)
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(1, 40, (8, 13)).astype(np.int32) for _ in range(3)]  # 1: START resets
-    model = build_model(ModelConfig(cell=cell, layers=2, hidden=48), 40, 0)
-    opt = make_optimizer(cfg, lr_schedule(cfg, None))
-    graphdef, state = init_state(model, opt, 0)
-    step = make_train_step(graphdef, opt, cfg)
-    text = step.lower(state, model.initial_carry(8), (batches[0][:, :-1], batches[0][:, 1:], np.bool_(False))).as_text()
-    carry, out = model.initial_carry(8), []
-    for x in batches:
-        state, carry, m = step(state, carry, (x[:, :-1], x[:, 1:], np.bool_(False)))
-        out.append(float(m["loss"]))
-    return text, out
-
-
 @needs_kernel
-def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch):
-    text_k, with_kernel = _train_losses(monkeypatch, True)
-    text_x, with_xla = _train_losses(monkeypatch, False)
+def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses):
+    # low_token 1: batches that read START tokens, so the state is reset inside the window.
+    monkeypatch.setattr(lstm_kernel, "enabled", lambda: True)
+    text_k, with_kernel = train_losses("lstm", "float32", hidden=48, low_token=1)
+    monkeypatch.setattr(lstm_kernel, "enabled", lambda: False)
+    text_x, with_xla = train_losses("lstm", "float32", hidden=48, low_token=1)
     assert "charrnn_lstm_forward" in text_k and "charrnn_lstm_backward" in text_k
     assert "charrnn_lstm" not in text_x
     np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-5)
@@ -166,8 +148,9 @@ def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch):
 
 
 @pytest.mark.parametrize("cell,dtype", [("gru", "float32"), ("rnn", "float32"), ("lstm", "bfloat16")])
-def test_only_float32_lstm_layers_use_it(monkeypatch, cell, dtype):
-    text, _ = _train_losses(monkeypatch, True, cell, dtype)
+def test_only_float32_lstm_layers_use_it(monkeypatch, train_losses, cell, dtype):
+    monkeypatch.setattr(lstm_kernel, "enabled", lambda: True)
+    text, _ = train_losses(cell, dtype, hidden=48, low_token=1)
     assert "charrnn_lstm" not in text
 
 
