@@ -97,8 +97,8 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def _train_losses(cell: str, dtype: str, hidden: int, low_token: int = 2):
-    """Three train steps of a 2-layer ``cell`` model (vocabulary 40, batch 8 x 12) on fixed
+def _train_losses(cell: str, dtype: str, hidden: int, low_token: int = 2, steps: int = 3):
+    """``steps`` train steps of a 2-layer ``cell`` model (vocabulary 40, batch 8 x 12) on fixed
     batches of tokens ``low_token..39``: ``(lowered step text, [losses])``. The kernel tests
     run it with a kernel on and off and compare."""
     from charrnn.config import ModelConfig, TrainConfig
@@ -107,7 +107,7 @@ def _train_losses(cell: str, dtype: str, hidden: int, low_token: int = 2):
 
     cfg = TrainConfig(batch_size=8, seq_len=12, lr=1e-2, dtype=dtype)
     rng = np.random.default_rng(0)
-    batches = [rng.integers(low_token, 40, (8, 13)).astype(np.int32) for _ in range(3)]
+    batches = [rng.integers(low_token, 40, (8, 13)).astype(np.int32) for _ in range(max(steps, 1))]
     model = build_model(ModelConfig(cell=cell, layers=2, hidden=hidden), 40, 0)
     opt = make_optimizer(cfg, lr_schedule(cfg, None))
     graphdef, state = init_state(model, opt, 0)
@@ -115,7 +115,7 @@ def _train_losses(cell: str, dtype: str, hidden: int, low_token: int = 2):
     first = (batches[0][:, :-1], batches[0][:, 1:], np.bool_(False))
     text = step.lower(state, model.initial_carry(8), first).as_text()
     carry, out = model.initial_carry(8), []
-    for x in batches:
+    for x in batches[:steps]:
         state, carry, m = step(state, carry, (x[:, :-1], x[:, 1:], np.bool_(False)))
         out.append(float(m["loss"]))
     return text, out
