@@ -16,9 +16,11 @@ losses of bf16 training steps with and without the kernel agree to 2e-4).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,20 +66,30 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def pack(b, transpose: bool = False):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["n"])
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A matrix as the kernel reads it (``pack``): ``data`` the packed array, ``n`` the columns
+    of the original (the packed ones are padded to 16). ``n`` is static under ``jit``."""
+
+    data: Any
+    n: int
+
+
+def pack(b, transpose: bool = False) -> Packed:
     """``b`` (K, N) -- or ``b.T`` when ``transpose``, ``b`` then being (N, K) -- as the kernel
     reads it: bfloat16, zero-padded to K % 32 == 0 and N % 16 == 0, in panels of 16 columns
-    with column pairs interleaved along K; shape ``(N/16, K/2, 32)``. Pack a loop-invariant
-    matrix once, outside the loop."""
+    with column pairs interleaved along K; ``data`` of shape ``(N/16, K/2, 32)``. Pack a
+    loop-invariant matrix once, outside the loop."""
     k, n = b.shape[::-1] if transpose else b.shape
     out = jax.ShapeDtypeStruct((_round_up(n, 16) // 16, _round_up(k, 32) // 2, 32), jnp.bfloat16)
     # In C (kernels/amx_matmul.cc): XLA:CPU runs this transpose at ~0.4 GB/s, which cost more
     # per train step than the matmuls it feeds.
-    return jax.ffi.ffi_call(_PACK_TARGET, out)(b.astype(jnp.bfloat16), transpose=np.int32(transpose))
+    return Packed(jax.ffi.ffi_call(_PACK_TARGET, out)(b.astype(jnp.bfloat16), transpose=np.int32(transpose)), n)
 
 
-def packed_dot(a_MxK, b_packed, n: int):
-    """``(a @ b)[..., :n]`` in float32 from bfloat16 ``a`` and ``pack(b)``. Not differentiable.
+def packed_dot(a_MxK, b: Packed):
+    """``a @ b`` in float32 from bfloat16 ``a`` and ``b = pack(...)``. Not differentiable.
 
     ``a`` may have leading axes (``(T, B, K)``): they are flattened into rows. Any number of
     rows (the kernel configures its last tiles to the rows left); columns are zero-padded to the
@@ -85,20 +97,20 @@ def packed_dot(a_MxK, b_packed, n: int):
     """
     if a_MxK.ndim != 2:
         lead = a_MxK.shape[:-1]
-        return packed_dot(a_MxK.reshape(-1, a_MxK.shape[-1]), b_packed, n).reshape(*lead, n)
+        return packed_dot(a_MxK.reshape(-1, a_MxK.shape[-1]), b).reshape(*lead, b.n)
     m, k = a_MxK.shape
-    kp = b_packed.shape[1] * 2
+    kp = b.data.shape[1] * 2
     a = a_MxK.astype(jnp.bfloat16)
     if kp != k:
         a = jnp.pad(a, ((0, 0), (0, kp - k)))
-    c = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, b_packed.shape[0] * 16), jnp.float32))(a, b_packed)
-    return c if c.shape[1] == n else c[:, :n]
+    c = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, b.data.shape[0] * 16), jnp.float32))(a, b.data)
+    return c if c.shape[1] == b.n else c[:, :b.n]
 
 
 def _plain_dot(a, b, transpose_b: bool = False):
     """``a @ b`` (``a @ b.T`` when ``transpose_b``) in float32, on the kernel when enabled."""
     if enabled():
-        return packed_dot(a, pack(b, transpose_b), b.shape[0 if transpose_b else 1])
+        return packed_dot(a, pack(b, transpose_b))
     return jnp.dot(a, b.T if transpose_b else b, preferred_element_type=jnp.float32)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,18 +44,11 @@ def _matmul(x, w, dtype):
     In bfloat16 on a CPU with AMX, the product runs on charrnn's tile kernel (``charrnn.amx``);
     ``w`` may then already be packed for it (``_in_loop_weights``).
     """
-    if isinstance(w, _PackedBF16):
-        return amx.packed_dot(x, w.b, w.n)
+    if isinstance(w, amx.Packed):
+        return amx.packed_dot(x, w)
     if dtype == jnp.bfloat16 and amx.enabled():
         return amx.dot(x.astype(dtype), w.astype(dtype))
     return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-
-
-class _PackedBF16(NamedTuple):
-    """A loop-invariant weight packed once for the AMX kernel (``amx.pack``), ``n`` columns."""
-
-    b: Any
-    n: int
 
 
 class Cell(nnx.Module):
@@ -256,11 +249,10 @@ def _in_loop_weights(w, dtype, transpose: bool = False) -> tuple:
     operand inside the loop is ~10% slower than one on a pre-transposed copy. The optimization
     barrier stops XLA from folding the transpose back into the dot. Vectors (the GRU's
     ``b_hh`` blocks) stay float32. In bfloat16 on the AMX kernel, matrices are packed for it
-    here instead (``_PackedBF16``).
+    here instead (``amx.Packed``).
     """
     if dtype == jnp.bfloat16 and amx.enabled():
-        return tuple(wk if wk.ndim != 2 else _PackedBF16(amx.pack(wk, transpose), wk.shape[0 if transpose else 1])
-                     for wk in w)
+        return tuple(wk if wk.ndim != 2 else amx.pack(wk, transpose) for wk in w)
     w = tuple(wk if wk.ndim != 2 else wk.astype(dtype).T if transpose else wk.astype(dtype) for wk in w)
     return jax.lax.optimization_barrier(w) if transpose else w
 

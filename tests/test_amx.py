@@ -48,7 +48,7 @@ def exact(a, b):
 def test_packed_dot_matches_the_exact_product(m, k, n):
     # Shapes off the tile grid (rows not a multiple of 16, K of 32, N of 16) are padded.
     a, b = bf16_operands(m, k, n)
-    got = np.asarray(jax.jit(amx.packed_dot, static_argnums=2)(a, amx.pack(b), n))
+    got = np.asarray(jax.jit(amx.packed_dot)(a, amx.pack(b)))
     assert got.shape == (m, n) and got.dtype == np.float32
     ref = exact(a, b)
     # float32 sums of exact bfloat16 products: within a few float32 ulps of the magnitudes summed.
@@ -63,7 +63,9 @@ def test_pack_layout():
     # Element [n/16][k/2][2*(n%16) + k%2] is b[k, n]: the layout kernels/amx_matmul.cc reads.
     k, n = 64, 48
     b = jnp.arange(k * n, dtype=jnp.float32).reshape(k, n) % 251
-    p = np.asarray(amx.pack(b), np.float32)
+    packed = amx.pack(b)
+    assert packed.n == n
+    p = np.asarray(packed.data, np.float32)
     assert p.shape == (n // 16, k // 2, 32)
     for kk, nn in [(0, 0), (1, 0), (0, 1), (33, 17), (63, 47), (10, 31)]:
         assert p[nn // 16, kk // 2, 2 * (nn % 16) + kk % 2] == float(b[kk, nn])
@@ -169,8 +171,8 @@ def test_the_kernel_is_built_once_and_reused(tmp_path):
 @needs_amx
 def test_pack_transposed_is_pack_of_the_transpose():
     b = jnp.asarray(np.random.default_rng(4).standard_normal((40, 70)), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(amx.pack(b, transpose=True), np.float32),
-                                  np.asarray(amx.pack(b.T), np.float32))
+    np.testing.assert_array_equal(np.asarray(amx.pack(b, transpose=True).data, np.float32),
+                                  np.asarray(amx.pack(b.T).data, np.float32))
     a = jnp.asarray(np.random.default_rng(5).standard_normal((9, 70)), jnp.bfloat16)
-    np.testing.assert_allclose(np.asarray(amx.packed_dot(a, amx.pack(b, transpose=True), 40)),
+    np.testing.assert_allclose(np.asarray(amx.packed_dot(a, amx.pack(b, transpose=True))),
                                exact(a, b.T), atol=1e-4, rtol=0)
