@@ -9,8 +9,8 @@ custom call: per step one AVX-512 matmul of the previous ``h`` with all four gat
 way in reverse. The weight gradient (one large matmul over all steps) stays with XLA.
 
 ``enabled()``: the default backend is the CPU, the CPU has AVX-512, the kernel built
-(``charrnn.native``) and ``CHARRNN_LSTM_KERNEL`` is not ``0``. Otherwise ``LSTMCell.scan`` runs
-XLA's scan. Results agree with it to float32 rounding (the sums run in another order, and
+(``charrnn.native``) and ``CHARRNN_LSTM_KERNEL`` is not ``0``. Otherwise ``LSTMCell.layer`` runs
+XLA's scan (``Cell.scan``). Results agree with it to float32 rounding (the sums run in another order, and
 ``exp``/``tanh`` are other polynomial approximations of similar accuracy): tests/test_lstm_kernel.py.
 """
 
@@ -73,7 +73,7 @@ def _forward(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
 
 @jax.custom_vjp
 def layer(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
-    """One LSTM layer over a window: ``(final_carry, h_TxBxH)``, as ``LSTMCell.scan`` computes it.
+    """One LSTM layer over a window: ``(final_carry, h_TxBxH)``, as ``Cell.layer`` computes it.
 
     ``w_hh``: ``(H, 4H)``, gate blocks i, f, g, o side by side; ``bias``: ``(4H,)``;
     ``carry0``: ``(c, h)``, each ``(B, H)``; ``xw_TxBxG``: the input projection, without the

@@ -84,12 +84,15 @@ class Cell(nnx.Module):
 
     def project(self, x, dtype=jnp.float32):
         """Input part of the gates: ``x`` is token ids (first layer) or the layer below's output."""
+        xw = self.project_without_bias(x, dtype)
+        return xw + _bias(self.b_ih[...], xw)
+
+    def project_without_bias(self, x, dtype=jnp.float32):
+        """``x @ w_ih``, all gates side by side (``project`` less ``b_ih``)."""
         if self.one_hot:
             # one_hot(x) @ w_ih == w_ih[x]: a row gather instead of a V-wide matmul.
-            xw = jnp.take(self.w_ih[...], x, axis=0)
-        else:
-            xw = _matmul(x, self.w_ih[...], dtype)
-        return xw + _bias(self.b_ih[...], xw)
+            return jnp.take(self.w_ih[...], x, axis=0)
+        return _matmul(x, self.w_ih[...], dtype)
 
     def project_blocks(self, x, dtype=jnp.float32) -> tuple:
         """``project`` as one array per gate block: ``_gate_blocks(self.project(x, dtype))``.
@@ -296,11 +299,9 @@ class LSTMCell(Cell):
         call each way (``charrnn.lstm_kernel``), on whole ``(..., 4H)`` arrays: the gate blocks
         are kept apart only for XLA's scan (see ``_gate_blocks``)."""
         if dtype == jnp.float32 and lstm_kernel.enabled():
-            if self.one_hot:
-                xw_TxBxG = jnp.take(self.w_ih[...], x, axis=0)
-            else:
-                xw_TxBxG = jnp.dot(x, self.w_ih[...], preferred_element_type=jnp.float32)
-            return lstm_kernel.layer(self.w_hh[...], self.b_ih[...], tuple(carry), xw_TxBxG, keep_TxBx1)
+            # The kernel adds the bias itself (and sums its gradient in the same pass).
+            return lstm_kernel.layer(self.w_hh[...], self.b_ih[...], tuple(carry),
+                                     self.project_without_bias(x, dtype), keep_TxBx1)
         return super().layer(carry, x, keep_TxBx1, dtype, unroll)
 
     @staticmethod
