@@ -3,7 +3,7 @@
 XLA's scan runs each time step of a layer as ~15 separately dispatched operations (four small
 dots, a dozen elementwise fusions, the writes of the stacked outputs); at the shapes char-rnn
 trains on a CPU (a few dozen rows per device) that dispatch and the small dots' per-call cost
-were about half of a step. ``kernels/lstm_cpu.cc`` runs the window's T steps in one XLA FFI
+were about half of a step. ``kernels/rnn_cpu.cc`` runs the window's T steps in one XLA FFI
 custom call: per step one AVX-512 matmul of the previous ``h`` with all four gate blocks
 (packed once per call), then the gate arithmetic in registers; and the backward pass the same
 way in reverse. The weight gradient (one large matmul over all steps) stays with XLA.
@@ -28,22 +28,31 @@ from charrnn import native
 
 log = logging.getLogger(__name__)
 
-_FALLBACK = "float32 LSTM layers run on XLA's scan"
+_FALLBACK = "float32 LSTM layers and sampling steps run on XLA's operations"
 _PANEL = 32
 
 
 @functools.cache
+def library():
+    """The built ``kernels/rnn_cpu.cc`` with its custom calls registered with XLA, or None where
+    it cannot run here (not the CPU backend, no AVX-512, no compiler). Shared with
+    ``charrnn.step_kernel``; built on first use."""
+    if jax.default_backend() != "cpu" or "avx512f" not in native.cpu_flags():
+        return None
+    lib = native.load("rnn_cpu", ["-O3", "-mavx512f", "-mfma"], _FALLBACK)
+    if lib is None or not lib.charrnn_rnn_available():
+        return None
+    for name, fn in (("lstm_pack", lib.CharrnnLstmPack), ("lstm_forward", lib.CharrnnLstmForward),
+                     ("lstm_backward", lib.CharrnnLstmBackward), ("pack_panels", lib.CharrnnPackPanels),
+                     ("cell_step", lib.CharrnnCellStep), ("dense", lib.CharrnnDense)):
+        jax.ffi.register_ffi_target(f"charrnn_{name}", jax.ffi.pycapsule(fn), platform="cpu")
+    return lib
+
+
+@functools.cache
 def _load() -> bool:
-    if os.environ.get("CHARRNN_LSTM_KERNEL") == "0" or jax.default_backend() != "cpu":
+    if os.environ.get("CHARRNN_LSTM_KERNEL") == "0" or library() is None:
         return False
-    if "avx512f" not in native.cpu_flags():
-        return False
-    lib = native.load("lstm_cpu", ["-O3", "-mavx512f", "-mfma"], _FALLBACK)
-    if lib is None or not lib.charrnn_lstm_available():
-        return False
-    for name, fn in (("pack", lib.CharrnnLstmPack), ("forward", lib.CharrnnLstmForward),
-                     ("backward", lib.CharrnnLstmBackward)):
-        jax.ffi.register_ffi_target(f"charrnn_lstm_{name}", jax.ffi.pycapsule(fn), platform="cpu")
     log.info("LSTM kernel: float32 LSTM layers run on charrnn's AVX-512 kernel")
     return True
 

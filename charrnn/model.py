@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from charrnn import amx, lstm_kernel
+from charrnn import amx, lstm_kernel, step_kernel
 from charrnn.config import ModelConfig
 from charrnn.vocab import START
 
@@ -60,6 +60,7 @@ class Cell(nnx.Module):
     ``step_with`` and ``scan`` are both built on ``forward``.
     """
 
+    kind = "rnn"  # the name in CELL_TYPES (and step_kernel.KINDS)
     gates = 1
     state_arity = 1
     folds_b_hh = True  # False where the recurrence needs its own b_hh (the GRU)
@@ -120,7 +121,7 @@ class Cell(nnx.Module):
         """
         return _gate_blocks(self.w_hh[...], self.gates)
 
-    def step_weights(self, dtype=jnp.float32) -> tuple:
+    def step_weights(self, dtype=jnp.float32, threads: int = 1) -> tuple:
         """What ``step_with`` reads, prepared once for many single steps (sampling).
 
         The gate blocks of ``w_ih`` and ``b_ih``, split here: split inside a loop instead,
@@ -128,7 +129,17 @@ class Cell(nnx.Module):
         out of the loop when the weights are loop inputs rather than constants; GRU 2x256
         sampled 2.6x slower at batch 1). ``w_hh`` stays whole (``FusedGates``): one matmul
         per step for all gates.
+
+        In float32 on a CPU with AVX-512 the step runs on charrnn's native kernel instead
+        (``charrnn.step_kernel``), and this returns its ``StepWeights`` (packed once here; each
+        step split over ``threads`` threads).
         """
+        if dtype == jnp.float32 and step_kernel.enabled():
+            g = self.gates * self.hidden
+            w_ih = self.w_ih[...] if self.one_hot else step_kernel.pack(self.w_ih[...], self.gates)
+            b_hh = self.b_hh[...] if not self.folds_b_hh else jnp.zeros((g,), jnp.float32)
+            w_hh = step_kernel.pack(self.w_hh[...], self.gates, threads)
+            return step_kernel.StepWeights(w_ih, self.b_ih[...], w_hh, b_hh, self.kind)
         return (_gate_blocks(self.w_ih[...], self.gates), _gate_blocks(self.b_ih[...], self.gates),
                 self.step_recurrent_weights(dtype))
 
@@ -139,6 +150,9 @@ class Cell(nnx.Module):
     def step_with(self, weights, carry, x, dtype=jnp.float32):
         """One time step from ``x`` (token ids, or the layer below's output) with ``step_weights``'s
         output: ``(new_carry, h)``, one step of what ``scan`` computes over a window."""
+        if isinstance(weights, step_kernel.StepWeights):
+            carry = step_kernel.cell_step(weights, tuple(carry), x)
+            return carry, carry[-1]
         ws, bs, w = weights
         carry, _ = self.forward(w, carry, _project_blocks(self.one_hot, ws, bs, x, dtype), dtype)
         return carry, carry[-1]
@@ -261,7 +275,10 @@ def _in_loop_weights(w, dtype, transpose: bool = False) -> tuple:
 
 
 def _output(h, w_out, b_out, dtype):
-    """The dense output layer: vocabulary logits (float32) from the top layer's ``h``."""
+    """The dense output layer: vocabulary logits (float32) from the top layer's ``h`` (``w_out``
+    may be packed for the step kernel: ``CharRNN.step_weights``)."""
+    if isinstance(w_out, step_kernel.Panels):
+        return step_kernel.dense(h, w_out, b_out)
     logits = _matmul(h, w_out, dtype)
     return logits + _bias(b_out, logits)
 
@@ -291,6 +308,7 @@ class RNNCell(Cell):
 class LSTMCell(Cell):
     """LSTM with gates ordered input, forget, cell, output (as PyTorch); carry is ``(c, h)``."""
 
+    kind = "lstm"
     gates = 4
     state_arity = 2
 
@@ -329,6 +347,7 @@ class LSTMCell(Cell):
 class GRUCell(Cell):
     """GRU as PyTorch defines it: ``n = tanh(x W_in + b_in + r * (h W_hn + b_hn))``."""
 
+    kind = "gru"
     gates = 3
     folds_b_hh = False
 
@@ -515,10 +534,13 @@ class CharRNN(nnx.Module):
         """
         return self.step_with(self.step_weights(dtype), carry, token_B, dtype)
 
-    def step_weights(self, dtype=jnp.float32) -> tuple:
+    def step_weights(self, dtype=jnp.float32, threads: int = 1) -> tuple:
         """The weights ``step_with`` reads, prepared once outside a loop of steps (see
-        ``Cell.step_weights``)."""
-        return tuple(c.step_weights(dtype) for c in self.cells), (self.w_out[...], self.b_out[...])
+        ``Cell.step_weights``; ``threads`` is for the native step kernel)."""
+        w_out = self.w_out[...]
+        if dtype == jnp.float32 and step_kernel.enabled():
+            w_out = step_kernel.pack(w_out, 1, threads)
+        return tuple(c.step_weights(dtype, threads) for c in self.cells), (w_out, self.b_out[...])
 
     def step_with(self, weights, carry: Carry, token_B, dtype=jnp.float32) -> tuple[Carry, Any]:
         """``step`` with ``step_weights``'s output; reads no parameter of the module itself."""

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from charrnn import parallel
 from charrnn.parallel import AXIS
 from charrnn.vocab import END, START
 
@@ -129,7 +130,7 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
     split = mesh is not None and mesh.size > 1
 
     def prime(carry, prompt_BxP, key):
-        step, inner, rebuild = _loop_step(step_fn, carry)
+        step, inner, rebuild = _loop_step(step_fn, carry, alone=not split)
         inner, logits_PxBxV = jax.lax.scan(step, inner, prompt_BxP.T)
         done = jnp.zeros(prompt_BxP.shape[0], bool)
         return SamplerState(rebuild(inner), logits_PxBxV[-1], key, done)
@@ -139,7 +140,7 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
         rows = None
         if split:  # this device's rows of the whole batch
             rows = (jax.lax.axis_index(AXIS) * b, b * mesh.size)
-        step, inner, rebuild = _loop_step(step_fn, state.carry)
+        step, inner, rebuild = _loop_step(step_fn, state.carry, alone=not split)
         steps = noise_steps(chunk, b * (mesh.size if split else 1), v)
 
         def body(s: SamplerState, noise_BxV):
@@ -173,20 +174,21 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
             placed(generate, (state_spec, P()), (state_spec, by_rows)))
 
 
-def _loop_step(step_fn: StepFn, carry):
+def _loop_step(step_fn: StepFn, carry, alone: bool = False):
     """``(step, inner, rebuild)`` for a loop of ``step_fn`` calls starting from ``carry``.
 
     ``step(inner, token_B) -> (inner, logits_BxV)`` runs in the loop and ``rebuild(inner)`` is
     the carry again. For a plain ``step_fn`` that is ``step_fn`` over the whole carry. A
     ``step_fn`` with ``prepare`` and ``prepared`` attributes (``model_step_fn``) takes
     ``carry = (params, state)``: its parameters are prepared once here, outside the loop, and
-    only ``state`` is carried through it.
+    only ``state`` is carried through it. ``alone``: this loop runs on one device with the
+    machine's other cores idle (``prepare`` may then spread a step over them).
     """
     prepare = getattr(step_fn, "prepare", None)
     if prepare is None:
         return step_fn, carry, lambda inner: inner
     params, state = carry
-    weights = prepare(params)
+    weights = prepare(params, alone)
     return (lambda inner, tok: step_fn.prepared(params, weights, inner, tok), state,
             lambda inner: (params, inner))
 
@@ -211,7 +213,8 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
     The parameters are then an input of the compiled sampler, not constants baked into it, so
     one compilation serves every checkpoint of the same shapes (and a large model does not
     make a large program). The sampler's loops prepare them once per call (``prepare``:
-    ``CharRNN.step_weights``) and run ``prepared`` inside; called directly, ``step_fn`` is
+    ``CharRNN.step_weights``, on ``parallel.sampling_threads`` threads where the sampler runs
+    alone on one device) and run ``prepared`` inside; called directly, ``step_fn`` is
     ``CharRNN.step``.
     """
 
@@ -220,8 +223,14 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
         state, logits_BxV = nnx.merge(graphdef, params).step(state, token_B, dtype)
         return (params, state), logits_BxV
 
-    def prepare(params):
-        return nnx.merge(graphdef, params).step_weights(dtype)
+    def prepare(params, alone: bool = False):
+        model = nnx.merge(graphdef, params)
+        threads = 1
+        if alone:  # the native step kernel may split a step over the idle cores
+            c = model.config
+            threads = parallel.sampling_threads(parallel.step_weight_bytes(c.cell, c.layers, c.hidden,
+                                                                           model.vocab_size))
+        return model.step_weights(dtype, threads)
 
     def prepared(params, weights, state, token_B):
         # step_with reads only ``weights``; the merged module supplies the structure.

@@ -174,7 +174,7 @@ def _probe(env_extra, tmp_path, fresh_cache=True):
 def test_charrnn_lstm_kernel_0_turns_it_off(tmp_path):
     (on, value), _ = _probe({"CHARRNN_LSTM_KERNEL": "0"}, tmp_path)
     assert on == "False"
-    assert not list((tmp_path / "kernels").glob("lstm_cpu-*.so"))  # nothing built
+    assert not list((tmp_path / "kernels").glob("rnn_cpu-*.so"))  # nothing built
     if lstm_kernel.enabled():  # the same layer on the kernel, to float32 rounding
         (on_k, value_k), _ = _probe({}, tmp_path, fresh_cache=False)  # the session's build
         assert on_k == "True" and abs(float(value_k) - float(value)) < 1e-4
