@@ -161,13 +161,8 @@ class Run:
         prime_ids = self.check_prime(prime)
         primed = self._sampler_fns()[0]((self.params, self.model.initial_carry(1)),
                                          jnp.asarray(sampler.prompt_tokens(prime_ids, 1)), jax.random.PRNGKey(0))
-        # Beam search reorders its carry every step, so it closes over the parameters instead.
-        graphdef, params, dtype = self.graphdef, self.params, self._dtype
-
-        def step_fn(state, token_B):
-            return nnx.merge(graphdef, params).step(state, token_B, dtype)
-
-        result = jax.device_get(sampler.make_beam_search(step_fn, beam, length)(primed.carry[1], primed.logits_BxV))
+        search = sampler.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype), beam, length)
+        result = jax.device_get(search((self.params, primed.carry[1]), primed.logits_BxV))
         out = []
         for i in sampler.rank_beams(result, length_penalty):
             row = result.tokens_KxL[i][:int(result.length_K[i])]

@@ -121,7 +121,7 @@ class Cell(nnx.Module):
         """
         return _gate_blocks(self.w_hh[...], self.gates)
 
-    def step_weights(self, dtype=jnp.float32, threads: int = 1) -> tuple:
+    def step_weights(self, dtype=jnp.float32, threads: int = 1, native: bool = False) -> tuple:
         """What ``step_with`` reads, prepared once for many single steps (sampling).
 
         The gate blocks of ``w_ih`` and ``b_ih``, split here: split inside a loop instead,
@@ -130,11 +130,11 @@ class Cell(nnx.Module):
         sampled 2.6x slower at batch 1). ``w_hh`` stays whole (``FusedGates``): one matmul
         per step for all gates.
 
-        In float32 on a CPU with AVX-512 the step runs on charrnn's native kernel instead
-        (``charrnn.step_kernel``), and this returns its ``StepWeights`` (packed once here; each
-        step split over ``threads`` threads).
+        With ``native`` (``CharRNN.step_weights`` decides) the step runs on charrnn's native
+        kernel instead (``charrnn.step_kernel``), and this returns its ``StepWeights`` (packed
+        once here; each step split over ``threads`` threads).
         """
-        if dtype == jnp.float32 and step_kernel.enabled():
+        if native:
             g = self.gates * self.hidden
             w_ih = self.w_ih[...] if self.one_hot else step_kernel.pack(self.w_ih[...], self.gates)
             b_hh = self.b_hh[...] if not self.folds_b_hh else jnp.zeros((g,), jnp.float32)
@@ -532,15 +532,15 @@ class CharRNN(nnx.Module):
         Unlike ``__call__`` it does not reset on a start token: the sampler starts from a
         fresh carry instead.
         """
-        return self.step_with(self.step_weights(dtype), carry, token_B, dtype)
+        return self.step_with(self.step_weights(dtype, rows=token_B.shape[0]), carry, token_B, dtype)
 
-    def step_weights(self, dtype=jnp.float32, threads: int = 1) -> tuple:
+    def step_weights(self, dtype=jnp.float32, threads: int = 1, rows: int = 1) -> tuple:
         """The weights ``step_with`` reads, prepared once outside a loop of steps (see
-        ``Cell.step_weights``; ``threads`` is for the native step kernel)."""
-        w_out = self.w_out[...]
-        if dtype == jnp.float32 and step_kernel.enabled():
-            w_out = step_kernel.pack(w_out, 1, threads)
-        return tuple(c.step_weights(dtype, threads) for c in self.cells), (w_out, self.b_out[...])
+        ``Cell.step_weights``), for steps of ``rows`` rows on ``threads`` threads: in float32
+        on the native step kernel where it pays (``step_kernel.pays``), else XLA's operations."""
+        native = dtype == jnp.float32 and step_kernel.pays(rows, threads)
+        w_out = step_kernel.pack(self.w_out[...], 1, threads) if native else self.w_out[...]
+        return tuple(c.step_weights(dtype, threads, native) for c in self.cells), (w_out, self.b_out[...])
 
     def step_with(self, weights, carry: Carry, token_B, dtype=jnp.float32) -> tuple[Carry, Any]:
         """``step`` with ``step_weights``'s output; reads no parameter of the module itself."""

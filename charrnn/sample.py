@@ -165,7 +165,10 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
     state_spec = SamplerState(carry_spec, by_rows, P(), by_rows)
 
     def placed(f, in_specs, out_specs):
-        f = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        # check_vma=False: the native step kernel's custom calls (charrnn.step_kernel) carry no
+        # varying-axes type; every device's loop is independent and the one replicated output,
+        # the key, is split identically on every device.
+        f = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
         shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), in_specs,
                                            is_leaf=lambda x: isinstance(x, P))
         return jax.jit(f, in_shardings=shardings)
@@ -181,14 +184,15 @@ def _loop_step(step_fn: StepFn, carry, alone: bool = False):
     the carry again. For a plain ``step_fn`` that is ``step_fn`` over the whole carry. A
     ``step_fn`` with ``prepare`` and ``prepared`` attributes (``model_step_fn``) takes
     ``carry = (params, state)``: its parameters are prepared once here, outside the loop, and
-    only ``state`` is carried through it. ``alone``: this loop runs on one device with the
-    machine's other cores idle (``prepare`` may then spread a step over them).
+    only ``state`` is carried through it (``prepare(params, alone, rows)``: ``alone``, this loop
+    runs on one device with the machine's other cores idle, and ``prepare`` may spread a step
+    over them; ``rows``, the batch a step runs).
     """
     prepare = getattr(step_fn, "prepare", None)
     if prepare is None:
         return step_fn, carry, lambda inner: inner
     params, state = carry
-    weights = prepare(params, alone)
+    weights = prepare(params, alone, jax.tree_util.tree_leaves(state)[0].shape[0])
     return (lambda inner, tok: step_fn.prepared(params, weights, inner, tok), state,
             lambda inner: (params, inner))
 
@@ -223,14 +227,14 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
         state, logits_BxV = nnx.merge(graphdef, params).step(state, token_B, dtype)
         return (params, state), logits_BxV
 
-    def prepare(params, alone: bool = False):
+    def prepare(params, alone: bool = False, rows: int = 1):
         model = nnx.merge(graphdef, params)
         threads = 1
         if alone:  # the native step kernel may split a step over the idle cores
             c = model.config
             threads = parallel.sampling_threads(parallel.step_weight_bytes(c.cell, c.layers, c.hidden,
                                                                            model.vocab_size))
-        return model.step_weights(dtype, threads)
+        return model.step_weights(dtype, threads, rows)
 
     def prepared(params, weights, state, token_B):
         # step_with reads only ``weights``; the merged module supplies the structure.
@@ -262,13 +266,16 @@ def make_beam_search(step_fn: StepFn, beam: int, length: int):
     continuations (by total log-probability) for ``length`` steps from a primed single row.
 
     A beam that has drawn the end token continues only with end tokens at probability one, so
-    finished and unfinished continuations compete on their total log-probability.
+    finished and unfinished continuations compete on their total log-probability. With
+    ``model_step_fn``'s step, ``carry_1`` is ``(params, state)`` and the weights are prepared
+    once, outside the loop (see ``_loop_step``); only the state is reordered.
     """
 
     @jax.jit
     def search(carry_1, logits_1xV):
         V = logits_1xV.shape[-1]
-        carry = jax.tree_util.tree_map(lambda c: jnp.repeat(c, beam, axis=0), carry_1)
+        step, inner_1, _ = _loop_step(step_fn, carry_1, alone=True)
+        carry = jax.tree_util.tree_map(lambda c: jnp.repeat(c, beam, axis=0), inner_1)
         logits = jnp.repeat(logits_1xV, beam, axis=0)
         # Only beam 0 is live at first, so the first expansion does not repeat itself.
         scores = jnp.full((beam,), -jnp.inf).at[0].set(0.0)
@@ -285,7 +292,7 @@ def make_beam_search(step_fn: StepFn, beam: int, length: int):
             carry = jax.tree_util.tree_map(lambda c: c[src], carry)
             tokens = tokens[src].at[:, t].set(tok)
             done = done[src] | (tok == END)
-            carry, logits = step_fn(carry, tok)
+            carry, logits = step(carry, tok)
             return (carry, logits, top, tokens, done), None
 
         (_, _, scores, tokens, done), _ = jax.lax.scan(

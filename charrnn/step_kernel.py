@@ -8,9 +8,9 @@ as one call: ``x @ w_ih`` and ``h @ w_hh`` on weights packed once per sampling c
 outside the loop), the gates in AVX-512 registers; ``dense`` does the output layer.
 
 ``enabled()``: the float32 LSTM kernel's library is available (``lstm_kernel.library``: CPU
-backend, AVX-512, a compiler) and ``CHARRNN_STEP_KERNEL`` is not ``0``. ``Cell.step_weights``
-then returns ``StepWeights`` and ``Cell.step_with`` calls ``cell_step``; otherwise both keep
-XLA's operations. Results agree with them to float32 rounding (tests/test_step_kernel.py).
+backend, AVX-512, a compiler) and ``CHARRNN_STEP_KERNEL`` is not ``0``; ``pays``: the steps
+are a few rows or split over threads. ``CharRNN.step_weights`` then returns ``StepWeights``
+and ``Cell.step_with`` calls ``cell_step``; otherwise both keep XLA's operations. Results agree with them to float32 rounding (tests/test_step_kernel.py).
 """
 
 from __future__ import annotations
@@ -40,6 +40,22 @@ def enabled() -> bool:
         return False
     log.info("step kernel: float32 sampling steps run on charrnn's AVX-512 kernel")
     return True
+
+
+# Rows up to which one thread's step beats XLA's. At batch 1 a step is a matrix-vector product:
+# XLA's small dots run it at ~12 GFLOP/s, the kernel at the speed the weights stream in. From
+# ~4 rows the product is compute-bound and XLA's dots block it as well as the kernel does (one
+# device, per model step, kernel / XLA: LSTM 2x128 4 rows 34-38 / 34-35 us, 8 rows 58-59 /
+# 55-61 us, GRU 2x256 16 rows 301-319 / 250-252 us, RNN 1x512 16 rows 122-128 / 151-251 us).
+MAX_ROWS_ONE_THREAD = 2
+
+
+def pays(rows: int, threads: int) -> bool:
+    """Whether steps of ``rows`` rows on ``threads`` threads should run on the kernel: it is
+    ``enabled`` and either the step is a matrix-vector product (at most
+    ``MAX_ROWS_ONE_THREAD`` rows) or it is split over threads (``parallel.sampling_threads``:
+    the weights do not fit one core's L2, and each core then keeps its part cached)."""
+    return enabled() and (threads > 1 or rows <= MAX_ROWS_ONE_THREAD)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["n", "threads"])

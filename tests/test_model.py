@@ -434,7 +434,7 @@ def test_sampler_with_prepared_weights_equals_plain_steps(cell):
 
     graphdef, params = _model(cell)
     model = nnx.merge(graphdef, params)
-    weights = model.step_weights()
+    weights = model.step_weights(rows=B)  # the rows step() runs: the same path
     tok = jnp.asarray(char_tokens())[:, 0]
     for a, b in zip(jax.tree_util.tree_leaves(model.step(model.initial_carry(B), tok)),
                     jax.tree_util.tree_leaves(model.step_with(weights, model.initial_carry(B), tok))):

@@ -87,14 +87,8 @@ def run_steps(graphdef, params, carry, tokens_BxT, threads=1, kernel=True):
     @jax.jit
     def go(params, carry, tokens):
         model = nnx.merge(graphdef, params)
-        if kernel:
-            weights = model.step_weights(jnp.float32, threads)
-        else:  # XLA's step: the weights as step_weights prepares them without the kernel
-            enabled, step_kernel.enabled = step_kernel.enabled, lambda: False
-            try:
-                weights = model.step_weights(jnp.float32)
-            finally:
-                step_kernel.enabled = enabled
+        # rows: what the steps are prepared for; one thread at many rows is XLA's step
+        weights = model.step_weights(jnp.float32, threads, rows=1 if kernel else 1 << 20)
         logits = None
         for t in range(tokens.shape[1]):
             carry, logits = model.step_with(weights, carry, tokens[:, t])
@@ -121,8 +115,29 @@ def test_steps_match_a_float64_reference_and_xla(cell, hidden, batch):
     xla_carry, xla_logits = run_steps(graphdef, params, carry, tokens, kernel=False)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(xla_logits), atol=2e-5, rtol=0)
     # and the kernel was what ran: its HLO calls it, XLA's does not
-    hlo = jax.jit(lambda p: nnx.merge(graphdef, p).step(carry, jnp.asarray(tokens[:, 0]))).lower(params).as_text()
-    assert "charrnn_cell_step" in hlo and "charrnn_dense" in hlo
+    lowered = {k: jax.jit(lambda p: run_steps(graphdef, p, carry, tokens, kernel=k)).lower(params).as_text()
+               for k in (True, False)}
+    assert "charrnn_cell_step" in lowered[True] and "charrnn_dense" in lowered[True]
+    assert "charrnn_" not in lowered[False]
+
+
+@needs_kernel
+def test_the_model_step_takes_the_kernel_where_it_pays():
+    # One thread: a step of 1-2 rows (a matrix-vector product) on the kernel, of more rows on
+    # XLA's dots, which block a compute-bound product as well; split over threads, any rows.
+    graphdef, params = _model("lstm", 32)
+
+    def lowered(rows, threads=1):
+        tok = jnp.zeros((rows,), jnp.int32)
+        model = nnx.merge(graphdef, params)
+        if threads == 1:
+            return jax.jit(lambda c: model.step(c, tok)).lower(model.initial_carry(rows)).as_text()
+        w = model.step_weights(jnp.float32, threads, rows)
+        return jax.jit(lambda c: model.step_with(w, c, tok)).lower(model.initial_carry(rows)).as_text()
+
+    assert "charrnn_cell_step" in lowered(1) and "charrnn_cell_step" in lowered(2)
+    assert "charrnn_" not in lowered(3)
+    assert "charrnn_cell_step" in lowered(32, threads=2)
 
 
 @needs_kernel
@@ -199,11 +214,11 @@ def test_the_sampler_draws_the_same_text_on_the_kernel_and_on_xla(monkeypatch):
     # The kernel agrees with XLA's step to float32 rounding, far below what moves a draw here:
     # the same key gives the same characters (this model and seed, checked once, fixed).
     graphdef, params = _model("gru", 72)
-    prompt = sampler.prompt_tokens(np.array([3, 4, 5], np.int32), 3)
+    prompt = sampler.prompt_tokens(np.array([3, 4, 5], np.int32), 2)
 
     def draw():
         prime, generate = sampler.make_sampler(sampler.model_step_fn(graphdef), chunk=32)
-        carry = (params, nnx.merge(graphdef, params).initial_carry(3))
+        carry = (params, nnx.merge(graphdef, params).initial_carry(2))
         toks = next(sampler.generate_stream(prime, generate, carry, prompt, jax.random.PRNGKey(7),
                                             sampler.make_controls(V, 0.9), 32))
         hlo = generate.lower(prime(carry, jnp.asarray(prompt), jax.random.PRNGKey(7)),
@@ -214,7 +229,7 @@ def test_the_sampler_draws_the_same_text_on_the_kernel_and_on_xla(monkeypatch):
     monkeypatch.setattr(step_kernel, "enabled", lambda: False)
     on_xla, used_xla = draw()
     assert used and not used_xla
-    assert on_kernel.shape == (3, 32) and START not in on_kernel
+    assert on_kernel.shape == (2, 32) and START not in on_kernel
     np.testing.assert_array_equal(on_kernel, on_xla)
 
 
