@@ -355,7 +355,11 @@ class Pool {
       helpers_.push_back(new Helper());
     }
     const int on_helpers = std::min<int>(parts - 1, static_cast<int>(helpers_.size()));
-    for (int i = 0; i < on_helpers; ++i) helpers_[i]->Start(&Trampoline<F>, &f, i + 1);
+    // The helpers run in the caller's floating-point mode (XLA's threads flush denormals to
+    // zero; a helper that did not would compute other values, slowly). A new thread inherits
+    // its creator's mode, so this matters only if callers in other modes share the helpers.
+    const unsigned csr = _mm_getcsr();
+    for (int i = 0; i < on_helpers; ++i) helpers_[i]->Start(&Trampoline<F>, &f, i + 1, csr);
     f(0);
     for (int p = on_helpers + 1; p < parts; ++p) f(p);
     for (int i = 0; i < on_helpers; ++i) helpers_[i]->Wait();
@@ -375,13 +379,14 @@ class Pool {
     void (*fn)(void*, int) = nullptr;
     void* ctx = nullptr;
     int part = 0;
+    unsigned csr = 0;
     std::mutex mu;
     std::condition_variable cv;
 
     Helper() { std::thread([this] { Loop(); }).detach(); }
 
-    void Start(void (*f)(void*, int), void* c, int p) {
-      fn = f, ctx = c, part = p;
+    void Start(void (*f)(void*, int), void* c, int p, unsigned mxcsr) {
+      fn = f, ctx = c, part = p, csr = mxcsr;
       posted.fetch_add(1);  // seq_cst: ordered before the read of `sleeping` below
       if (sleeping.load()) {
         std::lock_guard<std::mutex> lock(mu);
@@ -410,6 +415,7 @@ class Pool {
           spins = 0;
         }
         seen = now;
+        if (_mm_getcsr() != csr) _mm_setcsr(csr);
         fn(ctx, part);
         finished.store(now, std::memory_order_release);
       }
