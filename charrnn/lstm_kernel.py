@@ -62,12 +62,22 @@ def enabled() -> bool:
     return _load()
 
 
+def pack_panels(w, gates: int):
+    """``w`` (K, gates * N), gate blocks side by side, in the kernels' 32-column panels, each
+    block's columns padded to a multiple of 32: ``(gates * ceil(N / 32), K, 32)``."""
+    k, g = w.shape
+    shape = (gates * (-(-(g // gates) // _PANEL)), k, _PANEL)
+    return jax.ffi.ffi_call("charrnn_pack_panels", jax.ShapeDtypeStruct(shape, jnp.float32))(
+        w.astype(jnp.float32), gates=np.int64(gates))
+
+
 def _pack(w_hh, transpose: bool):
     """``w_hh`` (H, 4H) -- its transpose, for the backward, when ``transpose`` -- in the
     kernel's 32-column panels."""
+    if not transpose:
+        return pack_panels(w_hh, 4)
     h = w_hh.shape[0]
-    hp = -(-h // _PANEL) * _PANEL
-    shape = (hp // _PANEL, 4 * h, _PANEL) if transpose else (4 * hp // _PANEL, h, _PANEL)
+    shape = (-(-h // _PANEL), 4 * h, _PANEL)
     return jax.ffi.ffi_call("charrnn_lstm_pack", jax.ShapeDtypeStruct(shape, jnp.float32))(
         w_hh, transpose=np.int32(transpose))
 

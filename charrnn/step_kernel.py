@@ -29,7 +29,6 @@ from charrnn import lstm_kernel
 
 log = logging.getLogger(__name__)
 
-_PANEL = 32
 KINDS = {"rnn": 0, "lstm": 1, "gru": 2}
 
 
@@ -74,12 +73,7 @@ def pack(w, gates: int = 1, threads: int = 1) -> Panels:
     block's columns padded to a multiple of 32). A step reading it runs on ``threads`` threads
     (the caller's and helpers: see ``kernels/rnn_cpu.cc``'s ``Pool``); the result does not
     depend on it."""
-    k, g = w.shape
-    n = g // gates
-    shape = (gates * (-(-n // _PANEL)), k, _PANEL)
-    data = jax.ffi.ffi_call("charrnn_pack_panels", jax.ShapeDtypeStruct(shape, jnp.float32))(
-        w.astype(jnp.float32), gates=np.int64(gates))
-    return Panels(data, n, threads)
+    return Panels(lstm_kernel.pack_panels(w, gates), w.shape[1] // gates, threads)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_ih", "b_ih", "w_hh", "b_hh"],
