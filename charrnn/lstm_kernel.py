@@ -42,8 +42,9 @@ def library():
     lib = native.load("rnn_cpu", ["-O3", "-mavx512f", "-mfma"], _FALLBACK)
     if lib is None or not lib.charrnn_rnn_available():
         return None
-    for name, fn in (("lstm_pack", lib.CharrnnLstmPack), ("lstm_forward", lib.CharrnnLstmForward),
-                     ("lstm_backward", lib.CharrnnLstmBackward), ("pack_panels", lib.CharrnnPackPanels),
+    for name, fn in (("lstm_pack_transposed", lib.CharrnnLstmPackTransposed),
+                     ("lstm_forward", lib.CharrnnLstmForward), ("lstm_backward", lib.CharrnnLstmBackward),
+                     ("pack_panels", lib.CharrnnPackPanels),
                      ("cell_step", lib.CharrnnCellStep), ("dense", lib.CharrnnDense)):
         jax.ffi.register_ffi_target(f"charrnn_{name}", jax.ffi.pycapsule(fn), platform="cpu")
     return lib
@@ -71,15 +72,12 @@ def pack_panels(w, gates: int):
         w.astype(jnp.float32), gates=np.int64(gates))
 
 
-def _pack(w_hh, transpose: bool):
-    """``w_hh`` (H, 4H) -- its transpose, for the backward, when ``transpose`` -- in the
-    kernel's 32-column panels."""
-    if not transpose:
-        return pack_panels(w_hh, 4)
+def _pack_transposed(w_hh):
+    """``w_hh`` (H, 4H) transposed, for the backward, in the kernel's 32-column panels (the
+    forward reads ``pack_panels(w_hh, 4)``)."""
     h = w_hh.shape[0]
     shape = (-(-h // _PANEL), 4 * h, _PANEL)
-    return jax.ffi.ffi_call("charrnn_lstm_pack", jax.ShapeDtypeStruct(shape, jnp.float32))(
-        w_hh, transpose=np.int32(transpose))
+    return jax.ffi.ffi_call("charrnn_lstm_pack_transposed", jax.ShapeDtypeStruct(shape, jnp.float32))(w_hh)
 
 
 def _forward(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
@@ -87,7 +85,7 @@ def _forward(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
     t, b, g = xw_TxBxG.shape
     out = jax.ShapeDtypeStruct((t, b, g // 4), jnp.float32)
     return jax.ffi.ffi_call("charrnn_lstm_forward", (out, out, jax.ShapeDtypeStruct((t, b, g), jnp.float32)))(
-        xw_TxBxG, _pack(w_hh, False), bias, c0, h0, keep_TxBx1)
+        xw_TxBxG, pack_panels(w_hh, 4), bias, c0, h0, keep_TxBx1)
 
 
 @jax.custom_vjp
@@ -114,7 +112,7 @@ def _layer_bwd(res, cotangents):
     dz, d_bias, dc0, dh0 = jax.ffi.ffi_call(
         "charrnn_lstm_backward", (jax.ShapeDtypeStruct(gates.shape, jnp.float32),
                                   jax.ShapeDtypeStruct(gates.shape[-1:], jnp.float32), bh, bh))(
-        _pack(w_hh, True), gates, c_all, c0, keep_TxBx1, dh_all, dc, dh)
+        _pack_transposed(w_hh), gates, c_all, c0, keep_TxBx1, dh_all, dc, dh)
     # The recurrent weights' gradient for all steps at once, h_prev^T @ dz, where h_prev is
     # what each step read (the previous step's h, or h0, zeroed where reset).
     h_prev = (jnp.concatenate([h0[None], h_all[:-1]], axis=0) * keep_TxBx1).reshape(-1, h0.shape[-1])

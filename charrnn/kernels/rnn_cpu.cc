@@ -13,11 +13,11 @@
 //
 // Shapes (row-major, float32): T steps, B rows (this device's), H hidden, G = 4H (the gate
 // blocks i, f, g, o side by side, as in w_hh).
-//   forward  (xw: T x B x G, the input projections without bias; w: pack(w_hh) below;
+//   forward  (xw: T x B x G, the input projections without bias; w: PackPanels(w_hh), 4 blocks;
 //             bias: G; c0, h0: B x H; keep: T x B x 1, 0 where the state is reset before the
 //             step) -> h_all, c_all: T x B x H, the carry after each step; gates: T x B x G,
 //             the activated gates each step.
-//   backward (wt: pack(w_hh, transpose); gates, c_all, c0, keep as above; dh_all: T x B x H,
+//   backward (wt: PackTransposed(w_hh); gates, c_all, c0, keep as above; dh_all: T x B x H,
 //             the cotangent of h_all; dc, dh: B x H, of the final carry) -> dz: T x B x G, the
 //             cotangent of the gates' pre-activations (equal to those of xw, of the bias at
 //             each step and of h @ w_hh); d_bias: G, dz summed over steps and rows; dc0, dh0.
@@ -294,12 +294,11 @@ void PackPanels(const float* w, float* out, int64_t K, int64_t N, int64_t gates)
     }
 }
 
-// w_hh (H x 4H, gate blocks i, f, g, o side by side) as the matmul reads it. Forward
-// (transpose = 0): PackPanels(w_hh) with four blocks of H. Backward (transpose = 1): B = w_hh^T
-// (4H x H), columns padded to Hp, in Hp/32 panels of (4H x 32).
-void Pack(const float* w, float* out, int64_t H, bool transpose) {
+// w_hh (H x 4H, gate blocks i, f, g, o side by side) as the backward's matmul reads it:
+// B = w_hh^T (4H x H), columns padded to Hp, in Hp/32 panels of (4H x 32). (The forward reads
+// PackPanels(w_hh) with four blocks of H.)
+void PackTransposed(const float* w, float* out, int64_t H) {
   const int64_t Hp = RoundUp(H, kPanel), G = 4 * H;
-  if (!transpose) return PackPanels(w, out, H, H, 4);
   for (int64_t p = 0; p < Hp / kPanel; ++p) {
     float* panel = out + p * G * kPanel;
     for (int64_t t = 0; t < kPanel; ++t) {
@@ -525,14 +524,14 @@ ffi::Error Bad(const char* what) { return ffi::Error(ffi::ErrorCode::kInvalidArg
 
 bool Count(const F32& x, int64_t n) { return x.element_count() == static_cast<size_t>(n); }
 
-ffi::Error PackImpl(F32 w, F32Ret out, int32_t transpose) {
+ffi::Error PackTransposedImpl(F32 w, F32Ret out) {
   const auto d = w.dimensions();
   if (d.size() != 2 || d[1] != 4 * d[0]) return Bad("lstm_pack: w_hh must be H x 4H");
   const int64_t H = d[0];
   if (out->element_count() != static_cast<size_t>(4 * H * RoundUp(H, kPanel))) {
     return Bad("lstm_pack: bad output size");
   }
-  Pack(w.typed_data(), out->typed_data(), H, transpose != 0);
+  PackTransposed(w.typed_data(), out->typed_data(), H);
   return ffi::Error::Success();
 }
 
@@ -601,8 +600,7 @@ ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmPack, PackImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Ret<F32>().Attr<int32_t>("transpose"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmPackTransposed, PackTransposedImpl, ffi::Ffi::Bind().Arg<F32>().Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForward, ForwardImpl,
                               ffi::Ffi::Bind()
