@@ -318,8 +318,9 @@ class LSTMCell(Cell):
         are kept apart only for XLA's scan (see ``_gate_blocks``)."""
         if dtype == jnp.float32 and lstm_kernel.enabled():
             # The kernel adds the bias itself (and sums its gradient in the same pass).
-            return lstm_kernel.layer(self.w_hh[...], self.b_ih[...], tuple(carry),
-                                     self.project_without_bias(x, dtype), keep_TxBx1)
+            xw = (self.project_without_bias(x, dtype) if self.one_hot
+                  else lstm_kernel.project(x, self.w_ih[...]))
+            return lstm_kernel.layer(self.w_hh[...], self.b_ih[...], tuple(carry), xw, keep_TxBx1)
         return super().layer(carry, x, keep_TxBx1, dtype, unroll)
 
     @staticmethod

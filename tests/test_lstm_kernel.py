@@ -135,6 +135,52 @@ def test_rows_do_not_depend_on_how_many_there_are():
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_rows_split_over_threads_give_the_same_values_and_gradients(threads):
+    # One device alone on several cores splits a window's rows over threads (13 rows: parts of
+    # 4-5 rows; 7 threads ask for more parts than 4-row parts allow). Every output, the
+    # gradients (dz's row sums for the bias among them) included, must equal one thread's bit
+    # for bit.
+    w, bias, carry0, xw, keep = inputs(9, 13, 40, seed=5)
+    proj = jnp.asarray(np.random.default_rng(6).standard_normal((9, 13, 40)), jnp.float32)
+
+    def run(n):
+        def loss(w, bias, carry0, xw):
+            (c, h), h_all = lstm_kernel.layer(w, bias, carry0, xw, keep, threads=n)
+            return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(w, bias, carry0, xw)
+
+    one, many = run(1), run(threads)
+    assert float(jnp.abs(one[1][1]).max()) > 0.01  # the bias gradient is really summed
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_one_device_alone_uses_every_core_and_devices_share_them(monkeypatch):
+    monkeypatch.setattr(lstm_kernel.parallel, "usable_cores", lambda: 4)
+    monkeypatch.setattr(lstm_kernel.jax, "local_device_count", lambda: 1)
+    assert lstm_kernel.default_threads() == 4
+    monkeypatch.setattr(lstm_kernel.jax, "local_device_count", lambda: 2)
+    assert lstm_kernel.default_threads() == 2
+    monkeypatch.setattr(lstm_kernel.jax, "local_device_count", lambda: 8)
+    assert lstm_kernel.default_threads() == 1
+
+
+@needs_kernel
+def test_the_input_projection_gradient_is_the_plain_product():
+    # lstm_kernel.project: x @ w_ih with a hand-written backward (x^T @ dz, dz @ w_ih^T).
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((6, 5, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((24, 64)), jnp.float32)
+    proj = jnp.asarray(rng.standard_normal((6, 5, 64)), jnp.float32)
+    got = jax.grad(lambda x, w: jnp.sum(jnp.sin(lstm_kernel.project(x, w)) * proj), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w) * proj), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lstm_kernel.project(x, w)), np.asarray(x @ w), rtol=1e-6, atol=1e-5)
+
+
+@needs_kernel
 def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses):
     # low_token 1: batches that read START tokens, so the state is reset inside the window.
     monkeypatch.setattr(lstm_kernel, "enabled", lambda: True)

@@ -22,6 +22,8 @@
 //             cotangent of the gates' pre-activations (equal to those of xw, of the bias at
 //             each step and of h @ w_hh); d_bias: G, dz summed over steps and rows; dc0, dh0.
 // The weight gradient (h_prev^T @ dz over all steps) is one large matmul, left to XLA.
+// Both calls take `threads`: the rows are split into that many parts (at least 4 rows each),
+// run at once on helper threads (Pool, below); a row's values do not depend on the split.
 //
 // Hp is H rounded up to 32: packed weights are panels of 32 columns (K x 32, contiguous), the
 // matmul's output block. Built by charrnn/native.py; nothing here runs unless
@@ -191,22 +193,25 @@ inline void Store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m,
 
 // ---- the layer ---------------------------------------------------------------------------
 
+// Rows [b0, b1) of the window (rows never interact: each part of a split call runs on its own
+// thread with no synchronisation until the end). Row b of step t is at (t * B + b).
 void Forward(const float* xw, const float* wp, const float* bias, const float* c0, const float* h0,
-             const float* keep, float* h_all, float* c_all, float* gates, int64_t T, int64_t B, int64_t H) {
-  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H;
-  std::vector<float> prev_h(B * H), z(B * 4 * Hp);
+             const float* keep, float* h_all, float* c_all, float* gates, int64_t T, int64_t B, int64_t H,
+             int64_t b0, int64_t b1) {
+  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H, R = b1 - b0;
+  std::vector<float> prev_h(R * H), z(R * 4 * Hp);
   for (int64_t t = 0; t < T; ++t) {
     const float* c_before = t ? c_all + (t - 1) * BH : c0;
     const float* h_before = t ? h_all + (t - 1) * BH : h0;
-    for (int64_t b = 0; b < B; ++b) {  // the state the step reads: zero where a document starts
+    for (int64_t b = b0; b < b1; ++b) {  // the state the step reads: zero where a document starts
       const float k = keep[t * B + b];
-      for (int64_t j = 0; j < H; ++j) prev_h[b * H + j] = h_before[b * H + j] * k;
+      for (int64_t j = 0; j < H; ++j) prev_h[(b - b0) * H + j] = h_before[b * H + j] * k;
     }
-    Matmul(prev_h.data(), H, B, H, wp, 4 * Hp / kPanel, z.data(), 4 * Hp);
-    for (int64_t b = 0; b < B; ++b) {
+    Matmul(prev_h.data(), H, R, H, wp, 4 * Hp / kPanel, z.data(), 4 * Hp);
+    for (int64_t b = b0; b < b1; ++b) {
       const __m512 k = _mm512_set1_ps(keep[t * B + b]);
       const int64_t row = t * BH + b * H;
-      const float* zr = z.data() + b * 4 * Hp;
+      const float* zr = z.data() + (b - b0) * 4 * Hp;
       const float* xr = xw + (t * B + b) * G;
       float* gr = gates + (t * B + b) * G;
       for (int64_t j = 0; j < H; j += 16) {
@@ -230,53 +235,63 @@ void Forward(const float* xw, const float* wp, const float* bias, const float* c
   }
 }
 
+// Rows [b0, b1), as Forward. d_bias is summed afterwards (BiasGradient), so that its order of
+// additions does not depend on how the rows were split.
 void Backward(const float* wtp, const float* gates, const float* c_all, const float* c0, const float* keep,
-              const float* dh_all, const float* dc_T, const float* dh_T, float* dz_all, float* d_bias, float* dc0,
-              float* dh0, int64_t T, int64_t B, int64_t H) {
-  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H;
-  std::vector<float> d_prev_h(B * Hp), dc(dc_T, dc_T + BH), dh(dh_T, dh_T + BH);
-  std::memset(d_bias, 0, G * sizeof(float));
+              const float* dh_all, const float* dc_T, const float* dh_T, float* dz_all, float* dc0, float* dh0,
+              int64_t T, int64_t B, int64_t H, int64_t b0, int64_t b1) {
+  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H, R = b1 - b0;
+  std::vector<float> d_prev_h(R * Hp), dc(dc_T + b0 * H, dc_T + b1 * H), dh(dh_T + b0 * H, dh_T + b1 * H);
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_before = t ? c_all + (t - 1) * BH : c0;
-    float* dz = dz_all + t * B * G;  // this step's rows: also the matmul's A below
-    for (int64_t b = 0; b < B; ++b) {
+    float* dz = dz_all + (t * B + b0) * G;  // this step's rows: also the matmul's A below
+    for (int64_t b = b0; b < b1; ++b) {
       const __m512 k = _mm512_set1_ps(keep[t * B + b]);
-      const int64_t row = t * BH + b * H;
+      const int64_t row = t * BH + b * H, r = (b - b0) * H;
       const float* gr = gates + (t * B + b) * G;
-      float* dzr = dz + b * G;
+      float* dzr = dz + (b - b0) * G;
       for (int64_t j = 0; j < H; j += 16) {
         const __mmask16 m = Tail(H - j);
         const __m512 i = Load(gr + j, m), f = Load(gr + H + j, m), g = Load(gr + 2 * H + j, m),
                      o = Load(gr + 3 * H + j, m);
         const __m512 c = Load(c_all + row + j, m), c_prev = _mm512_mul_ps(Load(c_before + b * H + j, m), k);
-        const __m512 d_h = _mm512_add_ps(Load(dh.data() + b * H + j, m), Load(dh_all + row + j, m));
+        const __m512 d_h = _mm512_add_ps(Load(dh.data() + r + j, m), Load(dh_all + row + j, m));
         const __m512 tc = Tanh(c);
         // dc += dh * o * (1 - tanh(c)^2)
         const __m512 d_c = _mm512_fmadd_ps(_mm512_mul_ps(d_h, o), _mm512_fnmadd_ps(tc, tc, one),
-                                           Load(dc.data() + b * H + j, m));
+                                           Load(dc.data() + r + j, m));
         const __m512 d[4] = {
             _mm512_mul_ps(_mm512_mul_ps(d_c, g), _mm512_mul_ps(i, _mm512_sub_ps(one, i))),
             _mm512_mul_ps(_mm512_mul_ps(d_c, c_prev), _mm512_mul_ps(f, _mm512_sub_ps(one, f))),
             _mm512_mul_ps(_mm512_mul_ps(d_c, i), _mm512_fnmadd_ps(g, g, one)),
             _mm512_mul_ps(_mm512_mul_ps(d_h, tc), _mm512_mul_ps(o, _mm512_sub_ps(one, o)))};
-        for (int q = 0; q < 4; ++q) {
-          Store(dzr + q * H + j, m, d[q]);
-          Store(d_bias + q * H + j, m, _mm512_add_ps(Load(d_bias + q * H + j, m), d[q]));
-        }
+        for (int q = 0; q < 4; ++q) Store(dzr + q * H + j, m, d[q]);
         // The cotangent of the cell state the step read, zeroed where that state was reset.
-        Store(dc.data() + b * H + j, m, _mm512_mul_ps(_mm512_mul_ps(d_c, f), k));
+        Store(dc.data() + r + j, m, _mm512_mul_ps(_mm512_mul_ps(d_c, f), k));
       }
     }
     // d h_prev = dz @ w_hh^T, all four gates in one matmul over K = 4H.
-    Matmul(dz, G, B, G, wtp, Hp / kPanel, d_prev_h.data(), Hp);
-    for (int64_t b = 0; b < B; ++b) {
-      const float k = keep[t * B + b];
+    Matmul(dz, G, R, G, wtp, Hp / kPanel, d_prev_h.data(), Hp);
+    for (int64_t b = 0; b < R; ++b) {
+      const float k = keep[t * B + b0 + b];
       for (int64_t j = 0; j < H; ++j) dh[b * H + j] = d_prev_h[b * Hp + j] * k;
     }
   }
-  std::memcpy(dc0, dc.data(), BH * sizeof(float));
-  std::memcpy(dh0, dh.data(), BH * sizeof(float));
+  std::memcpy(dc0 + b0 * H, dc.data(), R * H * sizeof(float));
+  std::memcpy(dh0 + b0 * H, dh.data(), R * H * sizeof(float));
+}
+
+// d_bias[n0:n1) = dz summed over steps (last first) and, within a step, rows (first first):
+// the order the whole-window loop met them in, whatever the split. n0 is a multiple of 16.
+void BiasGradient(const float* dz_all, float* d_bias, int64_t T, int64_t B, int64_t G, int64_t n0, int64_t n1) {
+  for (int64_t j = n0; j < n1; j += 16) {
+    const __mmask16 m = Tail(n1 - j);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t t = T - 1; t >= 0; --t)
+      for (int64_t b = 0; b < B; ++b) acc = _mm512_add_ps(acc, Load(dz_all + (t * B + b) * G + j, m));
+    Store(d_bias + j, m, acc);
+  }
 }
 
 // A weight of `gates` blocks of N columns side by side (K x gates*N) as the matmul reads it:
@@ -320,12 +335,14 @@ enum Kind : int32_t { kRnn = 0, kLstm = 1, kGru = 2 };
 
 int GatesOf(int32_t kind) { return kind == kLstm ? 4 : kind == kGru ? 3 : 1; }
 
-// Helper threads for a sampling step: at batch 1 a step is a matrix-vector product, bound by
+// Helper threads. For a sampling step: at batch 1 a step is a matrix-vector product, bound by
 // how fast the weights stream in, and a GRU 2x256's (2.4 MB) do not fit one core's L2 cache
 // (2 MB here). Split by output columns over two cores, each core reads the same half of every
 // weight at every step, and that half stays in its own L2. A helper spins between steps (a
 // sampling step comes every few microseconds; waking a sleeping thread takes longer than a
 // step) and sleeps after ~1 ms without work, so it burns nothing once sampling stops.
+// For a training window on one device alone on several cores: the rows, which never interact,
+// split into one part per thread for the whole window (no synchronisation between steps).
 class Pool {
  public:
   static Pool& Get() {
@@ -343,8 +360,12 @@ class Pool {
   // f(part) for part in [0, parts): part 0 on the caller, the others on helpers. Where another
   // call holds the helpers (two devices sampling at once) the caller runs every part itself.
   // A part computes the same values on any thread, so the result is the same either way.
+  //
+  // `linger`: whether the helpers spin for the next call (~1 ms) before sleeping. Sampling
+  // steps come microseconds apart; a training window's calls come milliseconds apart, with
+  // XLA's own threads working in between, whom a spinning helper would take a core from.
   template <typename F>
-  void Run(int parts, F& f) {
+  void Run(int parts, F& f, bool linger = true) {
     bool expected = false;
     if (parts <= 1 || !busy_.compare_exchange_strong(expected, true)) {
       for (int p = 0; p < parts; ++p) f(p);
@@ -358,7 +379,7 @@ class Pool {
     // zero; a helper that did not would compute other values, slowly). A new thread inherits
     // its creator's mode, so this matters only if callers in other modes share the helpers.
     const unsigned csr = _mm_getcsr();
-    for (int i = 0; i < on_helpers; ++i) helpers_[i]->Start(&Trampoline<F>, &f, i + 1, csr);
+    for (int i = 0; i < on_helpers; ++i) helpers_[i]->Start(&Trampoline<F>, &f, i + 1, csr, linger);
     f(0);
     for (int p = on_helpers + 1; p < parts; ++p) f(p);
     for (int i = 0; i < on_helpers; ++i) helpers_[i]->Wait();
@@ -367,6 +388,7 @@ class Pool {
 
  private:
   static constexpr size_t kMaxHelpers = 7;
+  static constexpr int kSpins = 20000;
   static inline std::atomic<Pool*> instance{nullptr};
 
   template <typename F>
@@ -379,13 +401,15 @@ class Pool {
     void* ctx = nullptr;
     int part = 0;
     unsigned csr = 0;
+    std::atomic<int> spin_limit{kSpins};
     std::mutex mu;
     std::condition_variable cv;
 
     Helper() { std::thread([this] { Loop(); }).detach(); }
 
-    void Start(void (*f)(void*, int), void* c, int p, unsigned mxcsr) {
+    void Start(void (*f)(void*, int), void* c, int p, unsigned mxcsr, bool linger) {
       fn = f, ctx = c, part = p, csr = mxcsr;
+      spin_limit.store(linger ? kSpins : 0, std::memory_order_relaxed);
       posted.fetch_add(1);  // seq_cst: ordered before the read of `sleeping` below
       if (sleeping.load()) {
         std::lock_guard<std::mutex> lock(mu);
@@ -403,7 +427,7 @@ class Pool {
       for (;;) {
         uint64_t now;
         for (int spins = 0; (now = posted.load(std::memory_order_acquire)) == seen;) {
-          if (++spins < 20000) {
+          if (++spins < spin_limit.load(std::memory_order_relaxed)) {
             _mm_pause();
             continue;
           }
@@ -439,6 +463,13 @@ void MatmulPanels(const float* a, int64_t lda, int64_t M, int64_t K, const float
 // (32 columns) each.
 int Parts(int32_t threads, int64_t n_panels) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_panels)));
+}
+
+// How many parts to split a training window's rows into: one per thread asked for, at least
+// kMinRowsPerPart rows each (fewer rows than that run below the matmul's full-width blocks).
+constexpr int64_t kMinRowsPerPart = 4;
+int RowParts(int32_t threads, int64_t rows) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / kMinRowsPerPart)));
 }
 
 // x: B x I (projected = false) or B x G, the input projection without b_ih (projected = true);
@@ -570,7 +601,7 @@ ffi::Error DenseImpl(F32 x, F32 wp, F32 bias, F32Ret y, int32_t threads) {
 }
 
 ffi::Error ForwardImpl(F32 xw, F32 wp, F32 bias, F32 c0, F32 h0, F32 keep, F32Ret h_all, F32Ret c_all,
-                       F32Ret gates) {
+                       F32Ret gates, int32_t threads) {
   const auto d = xw.dimensions();
   if (d.size() != 3 || d[2] % 4) return Bad("lstm_forward: xw must be T x B x 4H");
   const int64_t T = d[0], B = d[1], H = d[2] / 4;
@@ -578,13 +609,18 @@ ffi::Error ForwardImpl(F32 xw, F32 wp, F32 bias, F32 c0, F32 h0, F32 keep, F32Re
       !Count(keep, T * B)) {
     return Bad("lstm_forward: inconsistent shapes");
   }
-  Forward(xw.typed_data(), wp.typed_data(), bias.typed_data(), c0.typed_data(), h0.typed_data(),
-          keep.typed_data(), h_all->typed_data(), c_all->typed_data(), gates->typed_data(), T, B, H);
+  const int parts = RowParts(threads, B);
+  auto part = [&](int p) {
+    Forward(xw.typed_data(), wp.typed_data(), bias.typed_data(), c0.typed_data(), h0.typed_data(),
+            keep.typed_data(), h_all->typed_data(), c_all->typed_data(), gates->typed_data(), T, B, H,
+            B * p / parts, B * (p + 1) / parts);
+  };
+  Pool::Get().Run(parts, part, /*linger=*/false);
   return ffi::Error::Success();
 }
 
 ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_all, F32 dc, F32 dh, F32Ret dz,
-                        F32Ret d_bias, F32Ret dc0, F32Ret dh0) {
+                        F32Ret d_bias, F32Ret dc0, F32Ret dh0, int32_t threads) {
   const auto d = c_all.dimensions();
   if (d.size() != 3) return Bad("lstm_backward: c_all must be T x B x H");
   const int64_t T = d[0], B = d[1], H = d[2];
@@ -592,9 +628,21 @@ ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_
       !Count(c0, B * H) || !Count(dc, B * H) || !Count(dh, B * H) || !Count(keep, T * B)) {
     return Bad("lstm_backward: inconsistent shapes");
   }
-  Backward(wtp.typed_data(), gates.typed_data(), c_all.typed_data(), c0.typed_data(), keep.typed_data(),
-           dh_all.typed_data(), dc.typed_data(), dh.typed_data(), dz->typed_data(), d_bias->typed_data(),
-           dc0->typed_data(), dh0->typed_data(), T, B, H);
+  const int parts = RowParts(threads, B);
+  auto part = [&](int p) {
+    Backward(wtp.typed_data(), gates.typed_data(), c_all.typed_data(), c0.typed_data(), keep.typed_data(),
+             dh_all.typed_data(), dc.typed_data(), dh.typed_data(), dz->typed_data(), dc0->typed_data(),
+             dh0->typed_data(), T, B, H, B * p / parts, B * (p + 1) / parts);
+  };
+  Pool::Get().Run(parts, part, /*linger=*/false);
+  // The bias gradient by columns (16 at a time), over the finished dz.
+  const int64_t G = 4 * H, chunks = (G + 15) / 16;
+  const int bias_parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, chunks)));
+  auto bias_part = [&](int p) {
+    BiasGradient(dz->typed_data(), d_bias->typed_data(), T, B, G, 16 * (chunks * p / bias_parts),
+                 std::min(G, 16 * (chunks * (p + 1) / bias_parts)));
+  };
+  Pool::Get().Run(bias_parts, bias_part, /*linger=*/false);
   return ffi::Error::Success();
 }
 
@@ -608,7 +656,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForward, ForwardImpl,
                                   .Arg<F32>().Arg<F32>()   // packed w_hh, bias
                                   .Arg<F32>().Arg<F32>()   // c0, h0
                                   .Arg<F32>()              // keep
-                                  .Ret<F32>().Ret<F32>().Ret<F32>());  // h_all, c_all, gates
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // h_all, c_all, gates
+                                  .Attr<int32_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackward, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -616,7 +665,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackward, BackwardImpl,
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // gates, c_all, c0, keep
                                   .Arg<F32>().Arg<F32>().Arg<F32>()             // dh_all, dc, dh
                                   .Ret<F32>().Ret<F32>()                        // dz, d_bias
-                                  .Ret<F32>().Ret<F32>());                      // dc0, dh0
+                                  .Ret<F32>().Ret<F32>()                        // dc0, dh0
+                                  .Attr<int32_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnPackPanels, PackPanelsImpl,
                               ffi::Ffi::Bind().Arg<F32>().Ret<F32>().Attr<int64_t>("gates"));
