@@ -192,12 +192,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     mesh = parallel.data_mesh()
     split = mesh.size > 1
 
-    def loss_fn(params, carry, x_BxT, y_BxT, key, count, rows):
+    def loss_fn(params, carry, x_BxT, y_BxT, key, rows):
         model = nnx.merge(graphdef, params)
         carry, logits_BxTxV = model(carry, x_BxT, dropout_key=key, dtype=dtype, unroll=unroll,
                                     dropout_rows=rows)
         total, _ = weighted_nll(logits_BxTxV, y_BxT, (y_BxT != START).astype(jnp.float32))
-        return total / jnp.maximum(count, 1.0), carry
+        return total, carry
 
     def train_step(state: TrainState, carry, batch):
         x_BxT, y_BxT, reset = batch
@@ -206,12 +206,17 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
         count = jnp.sum((y_BxT != START).astype(jnp.float32))
         rows = None
         if split:  # this device's rows of the whole batch; the loss is over the whole batch
-            count = jax.lax.psum(count, parallel.AXIS)
             rows = (jax.lax.axis_index(parallel.AXIS) * x_BxT.shape[0], x_BxT.shape[0] * mesh.size)
-        (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, carry, x_BxT, y_BxT, key, count, rows)
+        # The summed loss and its gradient, divided by the batch's target count only after the
+        # devices' sums are added: one all-reduce per step. (A psum of the count before the
+        # forward pass made each device wait there for the other, whichever XLA ran first.)
+        (total, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, carry, x_BxT, y_BxT, key, rows)
         if split:
-            loss, grads = jax.lax.psum((loss, grads), parallel.AXIS)
+            total, grads, count = jax.lax.psum((total, grads, count), parallel.AXIS)
+        count = jnp.maximum(count, 1.0)
+        loss = total / count
+        grads = jax.tree_util.tree_map(lambda g: g * (1.0 / count), grads)
         new_carry = jax.lax.stop_gradient(new_carry)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
