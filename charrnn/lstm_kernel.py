@@ -6,7 +6,9 @@ trains on a CPU (a few dozen rows per device) that dispatch and the small dots' 
 were about half of a step. ``kernels/rnn_cpu.cc`` runs the window's T steps in one XLA FFI
 custom call: per step one AVX-512 matmul of the previous ``h`` with all four gate blocks
 (packed once per call), then the gate arithmetic in registers; and the backward pass the same
-way in reverse. The weight gradient (one large matmul over all steps) stays with XLA.
+way in reverse. The weight gradient (one large matmul over all steps) stays with XLA; so does
+the input projection of a layer above the first (``project``), given a backward of the same
+plain form. One device alone on several cores splits a window's rows over threads.
 
 ``enabled()``: the default backend is the CPU, the CPU has AVX-512, the kernel built
 (``charrnn.native``) and ``CHARRNN_LSTM_KERNEL`` is not ``0``. Otherwise ``LSTMCell.layer`` runs
@@ -94,7 +96,8 @@ def layer(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1, threads=None):
     ``w_hh``: ``(H, 4H)``, gate blocks i, f, g, o side by side; ``bias``: ``(4H,)``;
     ``carry0``: ``(c, h)``, each ``(B, H)``; ``xw_TxBxG``: the input projection, without the
     bias; ``keep_TxBx1``: 0 where the state is reset before a step, else 1. ``threads``: how
-    many threads the rows are split over (default ``threads()``); the values do not depend on it.
+    many threads the rows are split over (default ``default_threads()``); the values do not
+    depend on it.
     """
     return _layer(threads or default_threads(), w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
 

@@ -317,7 +317,7 @@ class LSTMCell(Cell):
         call each way (``charrnn.lstm_kernel``), on whole ``(..., 4H)`` arrays: the gate blocks
         are kept apart only for XLA's scan (see ``_gate_blocks``)."""
         if dtype == jnp.float32 and lstm_kernel.enabled():
-            # The kernel adds the bias itself (and sums its gradient in the same pass).
+            # The kernel adds the bias itself (and sums its gradient from the same dz).
             xw = (self.project_without_bias(x, dtype) if self.one_hot
                   else lstm_kernel.project(x, self.w_ih[...]))
             return lstm_kernel.layer(self.w_hh[...], self.b_ih[...], tuple(carry), xw, keep_TxBx1)
