@@ -6,9 +6,8 @@ trains on a CPU (a few dozen rows per device) that dispatch and the small dots' 
 were about half of a step. ``kernels/rnn_cpu.cc`` runs the window's T steps in one XLA FFI
 custom call: per step one AVX-512 matmul of the previous ``h`` with all four gate blocks
 (packed once per call), then the gate arithmetic in registers; and the backward pass the same
-way in reverse. The weight gradient (one large matmul over all steps) stays with XLA; so does
-the input projection of a layer above the first (``project``), given a backward of the same
-plain form. One device alone on several cores splits a window's rows over threads.
+way in reverse. The weight gradient (one large matmul over all steps) stays with XLA. One
+device alone on several cores splits a window's rows over threads.
 
 ``enabled()``: the default backend is the CPU, the CPU has AVX-512, the kernel built
 (``charrnn.native``) and ``CHARRNN_LSTM_KERNEL`` is not ``0``. Otherwise ``LSTMCell.layer`` runs
@@ -138,25 +137,3 @@ def default_threads() -> int:
     took 3.5-4.1 ms against 7.5-8.4 ms on one thread (LSTM 2x128, 50 rows x 50 steps)."""
     return max(1, parallel.usable_cores() // max(1, jax.local_device_count()))
 
-
-@jax.custom_vjp
-def project(x_TxBxI, w_ih):
-    """``x @ w_ih`` for a layer on the kernel, whose ``w_ih`` gradient is the plain
-    ``x^T @ dz`` over all steps (as the recurrent weights' gradient in ``_layer_bwd``)."""
-    t, b, i = x_TxBxI.shape
-    return jnp.dot(x_TxBxI.reshape(t * b, i), w_ih).reshape(t, b, -1)
-
-
-def _project_fwd(x_TxBxI, w_ih):
-    return project(x_TxBxI, w_ih), (x_TxBxI, w_ih)
-
-
-def _project_bwd(res, dz_TxBxG):
-    x_TxBxI, w_ih = res
-    t, b, i = x_TxBxI.shape
-    dz = dz_TxBxG.reshape(t * b, -1)
-    x = x_TxBxI.reshape(t * b, i)
-    return jnp.dot(dz, w_ih.T).reshape(t, b, i), jnp.dot(x.T, dz)
-
-
-project.defvjp(_project_fwd, _project_bwd)

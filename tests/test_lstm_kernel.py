@@ -167,20 +167,6 @@ def test_one_device_alone_uses_every_core_and_devices_share_them(monkeypatch):
 
 
 @needs_kernel
-def test_the_input_projection_gradient_is_the_plain_product():
-    # lstm_kernel.project: x @ w_ih with a hand-written backward (x^T @ dz, dz @ w_ih^T).
-    rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.standard_normal((6, 5, 24)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((24, 64)), jnp.float32)
-    proj = jnp.asarray(rng.standard_normal((6, 5, 64)), jnp.float32)
-    got = jax.grad(lambda x, w: jnp.sum(jnp.sin(lstm_kernel.project(x, w)) * proj), argnums=(0, 1))(x, w)
-    want = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w) * proj), argnums=(0, 1))(x, w)
-    for g, r in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(lstm_kernel.project(x, w)), np.asarray(x @ w), rtol=1e-6, atol=1e-5)
-
-
-@needs_kernel
 def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses):
     # low_token 1: batches that read START tokens, so the state is reset inside the window.
     monkeypatch.setattr(lstm_kernel, "enabled", lambda: True)
