@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -58,14 +57,17 @@ class Run:
         meta: that checkpoint's metadata (step, losses, data position).
     """
 
-    def __init__(self, run_dir: Path, config: RunConfig, vocab: Vocab, checkpoint: Path, params, meta: dict):
+    def __init__(self, run_dir: Path, config: RunConfig, vocab: Vocab, checkpoint: Path, params, meta: dict,
+                 model=None):
         self.run_dir = run_dir
         self.config = config
         self.vocab = vocab
         self.checkpoint = checkpoint
         self.meta = meta
         self.params = params
-        self.model = abstract_model(config.model, vocab.size)
+        # ``model``: the shape-only model where the caller already built it (``load`` does:
+        # tracing it costs ~0.1 s before the first character).
+        self.model = model if model is not None else abstract_model(config.model, vocab.size)
         self.graphdef, _ = nnx.split(self.model)
         self._dtype = compute_dtype("float32")
         self._samplers = {}  # device count -> (prime, generate, replicated params)
@@ -98,6 +100,12 @@ class Run:
             self._samplers[devices] = (prime, generate, params)
         return self._samplers[devices]
 
+    def _zero_carry(self, rows: int):
+        """The model's initial carry for ``rows`` rows as numpy zeros (``initial_carry``'s
+        eager ``jnp.zeros`` would compile a small program per shape before the first character)."""
+        shapes = jax.eval_shape(lambda: self.model.initial_carry(rows))
+        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
     def check_prime(self, prime: str) -> np.ndarray:
         """Ids of the prime text; ``CharrnnError`` naming any character the model never saw."""
         missing = self.vocab.unknown(prime)
@@ -121,10 +129,10 @@ class Run:
         controls = sampler.make_controls(self.vocab.size, config.temperature, config.top_k, config.top_p,
                                          config.greedy)
         prompt = sampler.prompt_tokens(prime_ids, config.num_samples)
-        carry = (params, self.model.initial_carry(config.num_samples))
+        carry = (params, self._zero_carry(config.num_samples))
         ended = np.zeros(config.num_samples, bool)
         yield [config.prime] * config.num_samples, ended.copy()
-        for toks in sampler.generate_stream(prime, generate, carry, prompt, jax.random.PRNGKey(seed),
+        for toks in sampler.generate_stream(prime, generate, carry, prompt, sampler.seed_key(seed),
                                             controls, config.length):
             pieces = []
             for i, row in enumerate(toks):
@@ -159,8 +167,8 @@ class Run:
         if length < 1:
             raise CharrnnError(f"--length must be at least 1, not {length}")
         prime_ids = self.check_prime(prime)
-        primed = self._sampler_fns()[0]((self.params, self.model.initial_carry(1)),
-                                         jnp.asarray(sampler.prompt_tokens(prime_ids, 1)), jax.random.PRNGKey(0))
+        primed = self._sampler_fns()[0]((self.params, self._zero_carry(1)), sampler.prompt_tokens(prime_ids, 1),
+                                        sampler.seed_key(0))
         search = sampler.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype), beam, length)
         result = jax.device_get(search((self.params, primed.carry[1]), primed.logits_BxV))
         out = []
@@ -226,7 +234,8 @@ def load(run, checkpoint: str = "best") -> Run:
     ck_dir = ckpt.resolve(path, checkpoint)
     run_dir = ck_dir.parent
     config, vocab = runs.read_run_files(run_dir)
-    _, params_template = split_model(abstract_model(config.model, vocab.size))
+    model = abstract_model(config.model, vocab.size)
+    _, params_template = split_model(model)
     expected = runs.expected_shapes({"params": params_template})
     for attempt in range(10):
         try:
@@ -239,5 +248,6 @@ def load(run, checkpoint: str = "best") -> Run:
             if attempt == 9 or newer == ck_dir:
                 raise
             ck_dir = newer
-    params = jax.tree_util.tree_map(jnp.asarray, runs.unflatten(params_template, "params", tensors))
-    return Run(run_dir, config, vocab, ck_dir, params, meta)
+    # device_put, not jnp.asarray: the latter compiles an XLA copy per array shape (~10 ms each).
+    params = jax.tree_util.tree_map(jax.device_put, runs.unflatten(params_template, "params", tensors))
+    return Run(run_dir, config, vocab, ck_dir, params, meta, model=model)

@@ -33,10 +33,21 @@ class Controls(NamedTuple):
 
 
 def make_controls(vocab_size: int, temperature: float = 1.0, top_k=None, top_p=None, greedy=False) -> Controls:
-    return Controls(temperature=jnp.float32(temperature),
-                    top_k=jnp.int32(min(top_k or vocab_size, vocab_size)),
-                    top_p=jnp.float32(1.0 if top_p is None else top_p),
-                    greedy=jnp.bool_(greedy))
+    # numpy scalars, not jnp ones: each eager jnp conversion compiles a small XLA program of its
+    # own (~10 ms apiece before the first character), and the jitted sampler takes either.
+    return Controls(temperature=np.float32(temperature),
+                    top_k=np.int32(min(top_k or vocab_size, vocab_size)),
+                    top_p=np.float32(1.0 if top_p is None else top_p),
+                    greedy=np.bool_(greedy))
+
+
+def seed_key(seed: int):
+    """``jax.random.PRNGKey(seed)``, built in numpy where that is exact (the default threefry
+    key of a seed below 2**32 is ``[0, seed]``): the eager call compiles two small XLA programs
+    before the first sampled character. Other seeds and key implementations go to JAX."""
+    if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2 ** 32:
+        return np.array([0, seed], np.uint32)
+    return jax.random.PRNGKey(seed)
 
 
 def filter_logits(logits_BxV, controls: Controls):
@@ -200,7 +211,7 @@ def _loop_step(step_fn: StepFn, carry, alone: bool = False):
 def generate_stream(prime, generate, carry, prompt_BxP: np.ndarray, key, controls: Controls, length: int
                     ) -> Iterator[np.ndarray]:
     """Yield new tokens ``(B, n)`` chunk by chunk until ``length`` or every row has ended."""
-    state = prime(carry, jnp.asarray(prompt_BxP), key)
+    state = prime(carry, np.asarray(prompt_BxP), key)
     made = 0
     while made < length:
         state, toks = generate(state, controls)

@@ -165,3 +165,25 @@ def test_mark_novel_for_line_corpora(tmp_path):
     assert len(rows) == 16
     assert all(row["novel"] == (row["text"] not in set(names)) for row in rows)
     assert any(not row["novel"] for row in rows)  # a memorised name is recognised
+
+
+def test_a_loaded_run_compiles_only_the_sampler_before_its_first_sample(tmp_path):
+    # Time to the first character: each eager jnp conversion of a parameter, a control, the
+    # carry or the seed compiles a small XLA program of its own (~10 ms apiece, a dozen of
+    # them). Loading and sampling compile the sampler's prime and generate programs only.
+    result = _train(tmp_path, "run", TEXT, train=dict(max_steps=2))
+    compiled = []
+
+    def listen(name, secs, **kw):
+        if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":  # one per program lowered
+            compiled.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        run = charrnn.load(result.run_dir)
+        run.sample(length=5, seed=3, temperature=0.9, top_k=2)
+        assert len(compiled) == 2
+        run.beam_search("ab", beam=2, length=3)
+        assert len(compiled) == 4  # the beam search's own program, and priming at batch 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)

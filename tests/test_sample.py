@@ -262,3 +262,13 @@ def test_beam_search_finds_the_most_probable_sequences():
     np.testing.assert_allclose(np.asarray(result.logprob_K)[order],
                                [2 * logp[2], logp[2] + logp[3], logp[2] + logp[3]], rtol=1e-5)
     assert not np.asarray(result.ended_K).any() and np.asarray(result.length_K).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2 ** 31 - 1, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 5])
+def test_seed_key_is_the_key_jax_makes_from_the_seed(seed):
+    # Built in numpy below 2**32 (no compiled op before the first character); every seed must
+    # give exactly the key jax.random.PRNGKey gives, or --seed would change what it samples.
+    key = sampler.seed_key(seed)
+    want = jax.random.PRNGKey(seed)
+    assert np.asarray(key).dtype == want.dtype and np.asarray(key).shape == want.shape
+    np.testing.assert_array_equal(np.asarray(key), np.asarray(want))
