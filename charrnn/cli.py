@@ -266,7 +266,7 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
     _setup_jax()
     from charrnn import parallel, runs
     from charrnn.train import train as train_run
-    from charrnn.train import use_memory_saving_schedule
+    from charrnn.train import use_deterministic_gpu_ops, use_memory_saving_schedule
 
     if resume:
         if not out:
@@ -281,6 +281,7 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
     if cpu_devices is not None:
         parallel.use_cpu_devices(cpu_devices)  # before anything starts JAX's backends
     use_memory_saving_schedule()  # likewise
+    use_deterministic_gpu_ops()  # exact resume on GPUs too
     parallel.initialize(coordinator, num_processes, process_id, auto=distributed)
     import jax
 

@@ -18,10 +18,19 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Exact resume holds on a GPU only with XLA:GPU's deterministic operations, which `charrnn
+# train` selects before JAX starts; the in-process runs here need them from the start too.
+from charrnn.train import use_deterministic_gpu_ops  # noqa: E402
+
+use_deterministic_gpu_ops()
 # Start JAX's backends now, with the devices the environment asks for: `charrnn train` run
 # in-process (click's test runner) would otherwise split the CPU into one device per core for
 # the rest of the session when its batch is large enough (see parallel.auto_cpu_devices).
 jax.devices()
+if jax.default_backend() != "cpu":
+    # The reference tests check float32 arithmetic to ~1e-5; JAX's default on a GPU multiplies
+    # float32 matrices in TF32 (10-bit mantissas), which they would rightly reject.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 # Every `charrnn.train` call jits a fresh step function; runs with the same shapes and settings
 # lower to the same program, so a session-local persistent cache turns their recompiles (seconds

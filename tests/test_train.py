@@ -127,6 +127,7 @@ print(took, compiled.memory_analysis().temp_size_in_bytes, float(m["loss"]).hex(
 def test_memory_saving_schedule_shrinks_the_step_and_keeps_its_numbers():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["CHARRNN_LSTM_KERNEL"] = "0"  # the schedule of XLA's own scan (the native layer has none)
+    env["JAX_PLATFORMS"] = "cpu"  # only XLA:CPU has this scheduler
     out = {}
     for flag in ("0", "1"):
         r = subprocess.run([sys.executable, "-c", _SCHEDULE_PROBE, flag], capture_output=True, text=True,
@@ -143,6 +144,19 @@ def test_memory_saving_schedule_is_a_no_op_once_jax_runs(monkeypatch):
     jnp.zeros(1).block_until_ready()
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
     assert train_mod.use_memory_saving_schedule() is False
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true"
+
+
+def test_deterministic_gpu_ops_are_asked_for_before_jax_runs_and_never_after(monkeypatch):
+    probe = ("import os; from charrnn.train import use_deterministic_gpu_ops as f; "
+             "print(f(), f(), os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False", "--xla_gpu_deterministic_ops=true"]  # added once
+    jnp.zeros(1).block_until_ready()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    assert train_mod.use_deterministic_gpu_ops() is False  # XLA has read its flags: too late
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true"
 
 
