@@ -35,6 +35,7 @@ def _env(devices: int = 1, **extra) -> dict:
     env = dict(os.environ, CHARRNN_XLA_CACHE=str(XLA_CACHE[0]), **extra)
     env.pop("CHARRNN_NO_XLA_CACHE", None)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"  # CPU devices are under test, also on a machine with a GPU
     return env
 
 
