@@ -63,6 +63,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--cosine-steps", type=int, default=0,
+                   help="decay the learning rate to a tenth over this many steps by a cosine, as "
+                        "charrnn's --lr-schedule cosine --max-steps N; 0 keeps it constant")
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed: the initial weights")
@@ -76,6 +79,8 @@ def main(argv=None):
     if a.dropout:
         model.rnn.dropout = a.dropout
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.cosine_steps, eta_min=a.lr / 10)
+             if a.cosine_steps else None)
     per_row = (len(train) - 1) // a.batch
     rows_x = torch.from_numpy(train[:per_row * a.batch].reshape(a.batch, per_row))
     rows_y = torch.from_numpy(train[1:per_row * a.batch + 1].reshape(a.batch, per_row))
@@ -94,6 +99,8 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
+        if sched is not None and step < a.cosine_steps:
+            sched.step()
         step += 1
         trained_s += time.perf_counter() - t0
         if step % a.eval_every == 0 or trained_s >= a.minutes * 60:

@@ -6,8 +6,10 @@ one-hot input like charrnn: ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` with
 followed by ``nn.Linear(hidden, vocab)``. Training uses cross-entropy, Adam
 (lr 2e-3), ``clip_grad_norm_(..., 5.0)`` and truncated BPTT (the hidden state
 is carried across steps and detached). ``dtype="bfloat16"`` wraps forward and
-loss in ``torch.autocast("cpu", dtype=torch.bfloat16)``; weights and optimizer
-state stay float32.
+loss in ``torch.autocast(device, dtype=torch.bfloat16)``; weights and optimizer
+state stay float32. ``device="cuda"`` runs the same program on a GPU (cuDNN's
+recurrent kernels; PyTorch lets cuDNN use TF32, as JAX's default does for
+float32 matrix products), synchronising after every step.
 
 PyTorch runs ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on CPU through oneDNN
 (``torch.backends.mkldnn``) by default. That is faster for training but, on
@@ -87,9 +89,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
 
 
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
 def train_speed(cell: str, layers: int, hidden: int, seq_len: int, batch: int, vocab: int = 65,
                 steps: int = 30, warmup: int = 5, threads: int = 2,
-                dtype: str = "float32", mkldnn: bool = True) -> dict:
+                dtype: str = "float32", mkldnn: bool = True, device: str = "cpu") -> dict:
     """Training throughput of the PyTorch peer on random data.
 
     Runs ``warmup`` untimed steps (at least one; the first is reported as
@@ -105,16 +112,16 @@ def train_speed(cell: str, layers: int, hidden: int, seq_len: int, batch: int, v
     _check(cell, dtype)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = CharRNN(cell, layers, hidden, vocab)
+    model = CharRNN(cell, layers, hidden, vocab).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    data = torch.randint(vocab, (_DISTINCT_BATCHES, 2, batch, seq_len))
+    data = torch.randint(vocab, (_DISTINCT_BATCHES, 2, batch, seq_len)).to(device)
     use_bf16 = dtype == "bfloat16"
     h = None
 
     def step(i: int) -> None:
         nonlocal h
         x, y = data[i % _DISTINCT_BATCHES]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16):
             logits, h = model(x, h)
             loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -128,6 +135,7 @@ def train_speed(cell: str, layers: int, hidden: int, seq_len: int, batch: int, v
         for i in range(max(warmup, 1) + steps):
             t0 = time.perf_counter()
             step(i)
+            _sync(device)
             times.append(time.perf_counter() - t0)
     timed = times[max(warmup, 1):]
     return {
@@ -139,7 +147,7 @@ def train_speed(cell: str, layers: int, hidden: int, seq_len: int, batch: int, v
 
 
 def sample_speed(cell: str, layers: int, hidden: int, batch: int, length: int = 2000,
-                 vocab: int = 65, threads: int = 2, mkldnn: bool = True) -> dict:
+                 vocab: int = 65, threads: int = 2, mkldnn: bool = True, device: str = "cpu") -> dict:
     """Sampling throughput of the idiomatic PyTorch sampler.
 
     A Python loop of single steps under ``torch.inference_mode()``: model on the
@@ -151,8 +159,8 @@ def sample_speed(cell: str, layers: int, hidden: int, batch: int, length: int = 
     _check(cell)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = CharRNN(cell, layers, hidden, vocab).eval()
-    x = torch.zeros(batch, dtype=torch.long)
+    model = CharRNN(cell, layers, hidden, vocab).to(device).eval()
+    x = torch.zeros(batch, dtype=torch.long, device=device)
     h = None
 
     def step() -> None:
@@ -164,9 +172,11 @@ def sample_speed(cell: str, layers: int, hidden: int, batch: int, length: int = 
     with torch.inference_mode(), _mkldnn(mkldnn):
         for _ in range(_SAMPLE_WARMUP_STEPS):
             step()
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(length):
             step()
+        _sync(device)
         elapsed = time.perf_counter() - t0
     return {"chars_per_s": batch * length / elapsed}
 
@@ -202,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--batch", type=int, default=64)
         p.add_argument("--vocab", type=int, default=65)
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
         p.add_argument("--no-mkldnn", dest="mkldnn", action="store_false",
                        help="use PyTorch's native recurrent kernels instead of oneDNN")
         if name == "train":
