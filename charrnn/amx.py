@@ -40,6 +40,8 @@ def _load() -> bool:
     if os.environ.get("CHARRNN_AMX") == "0" or jax.default_backend() != "cpu":
         return False
     if not _cpu_has_amx():
+        # XLA's bf16 dot on such a CPU (an AVX512-BF16 AMD EPYC, say) ran at 0.9-1.2x float32.
+        log.info("AMX kernel: this CPU has no AMX-BF16; %s", _FALLBACK)
         return False
     lib = native.load("amx_matmul", ["-O2", "-mamx-tile", "-mamx-bf16"], _FALLBACK)
     if lib is None:
