@@ -21,6 +21,12 @@ sys.path.insert(0, str(HERE))
 import run  # noqa: E402  (benchmarks/run.py: its workers and formatting)
 
 
+def _cells(c: dict, t: dict) -> list[str]:
+    """charrnn's chars/s, PyTorch's, their ratio and the first error of either, as table cells."""
+    return [run._fmt(c.get("chars_per_s")), run._fmt(t.get("chars_per_s")),
+            run._fmt(run._ratio(c, "chars_per_s"), "x"), c.get("error", t.get("error", ""))[:60]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default=",".join(run.CONFIGS), help="comma-separated names: " + ", ".join(run.CONFIGS))
@@ -38,15 +44,13 @@ def main() -> None:
                                  batch=batch, steps=a.steps, dtype=dtype),
                 lambda: run._run("torch-train", cell=cell, layers=layers, hidden=hidden, seq_len=seq_len,
                                  batch=batch, steps=a.steps, dtype=dtype, device="cuda"))
-            row += [run._fmt(c.get("chars_per_s")), run._fmt(t.get("chars_per_s")),
-                    run._fmt(run._ratio(c, "chars_per_s"), "x"), c.get("error", t.get("error", ""))[:60]]
+            row += _cells(c, t)
         for b in (1, 32):
             c, t = run._alternate(
                 a.repeat,
                 lambda: run._run("charrnn-sample", cell=cell, layers=layers, hidden=hidden, batch=b),
                 lambda: run._run("torch-sample", cell=cell, layers=layers, hidden=hidden, batch=b, device="cuda"))
-            row += [run._fmt(c.get("chars_per_s")), run._fmt(t.get("chars_per_s")),
-                    run._fmt(run._ratio(c, "chars_per_s"), "x"), c.get("error", t.get("error", ""))[:60]]
+            row += _cells(c, t)
         rows.append(row)
         print(" | ".join(row), flush=True)
     head = ["config"]

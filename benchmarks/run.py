@@ -55,11 +55,9 @@ def charrnn_train(cell, layers, hidden, seq_len, batch, steps, dtype):
     from charrnn.config import ModelConfig, TrainConfig
     from charrnn.model import build_model
     from charrnn.parallel import DataParallel
-    from charrnn.train import (init_state, lr_schedule, make_optimizer, make_train_step, use_deterministic_gpu_ops,
-                               use_memory_saving_schedule)
+    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step, use_training_xla_flags
 
-    use_memory_saving_schedule()  # as `charrnn train` runs
-    use_deterministic_gpu_ops()
+    use_training_xla_flags()  # as `charrnn train` runs
     cfg = TrainConfig(batch_size=batch, seq_len=seq_len, dtype=dtype)
     model = build_model(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, 0)
     optimizer = make_optimizer(cfg, lr_schedule(cfg, None))

@@ -266,7 +266,7 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
     _setup_jax()
     from charrnn import parallel, runs
     from charrnn.train import train as train_run
-    from charrnn.train import use_deterministic_gpu_ops, use_memory_saving_schedule
+    from charrnn.train import use_training_xla_flags
 
     if resume:
         if not out:
@@ -280,8 +280,7 @@ def train(corpus: str, out: Optional[str], resume: bool, overwrite: bool, init_f
         cpu_devices = parallel.auto_cpu_devices(config.train.batch_size)
     if cpu_devices is not None:
         parallel.use_cpu_devices(cpu_devices)  # before anything starts JAX's backends
-    use_memory_saving_schedule()  # likewise
-    use_deterministic_gpu_ops()  # exact resume on GPUs too
+    use_training_xla_flags()  # likewise: XLA:CPU's memory-saving schedule, XLA:GPU's deterministic ops
     parallel.initialize(coordinator, num_processes, process_id, auto=distributed)
     import jax
 

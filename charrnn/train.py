@@ -181,6 +181,12 @@ def use_deterministic_gpu_ops() -> bool:
     return _add_xla_flag(DETERMINISTIC_GPU_OPS)
 
 
+def use_training_xla_flags() -> None:
+    """Both of the above: the XLA flags a training process asks for before JAX starts."""
+    use_memory_saving_schedule()
+    use_deterministic_gpu_ops()
+
+
 def _add_xla_flag(flag: str) -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if flag.split("=")[0] in flags or parallel.backends_started():
@@ -331,8 +337,7 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     Raises:
         CharrnnError: for unusable input or settings, with a message for the user.
     """
-    use_memory_saving_schedule()
-    use_deterministic_gpu_ops()
+    use_training_xla_flags()
     emit = on_event or (lambda e: None)
     should_stop = should_stop or (lambda: None)
     if config is None and not resume:
