@@ -1,17 +1,22 @@
-"""bfloat16 matmuls on Intel AMX tiles, for ``--dtype bfloat16`` training on CPUs that have them.
+"""bfloat16 matmuls on the CPU's bf16 units, for ``--dtype bfloat16`` training: Intel AMX tiles
+where there are, else AVX512-BF16's ``vdpbf16ps`` (AMD Zen 4 and later, Intel Cooper Lake).
 
 XLA:CPU runs a bfloat16 dot of the shapes a recurrent step multiplies (a few dozen rows by a
 512 x 512 gate block) at ~100-180 GFLOP/s on this project's Sapphire Rapids VM; a plain
-tile kernel (``kernels/amx_matmul.cc``, one core) runs them at ~200-400. The kernel is an XLA
-FFI custom call, compiled on first use with the system's C++ compiler (``charrnn.native``).
+tile kernel (``kernels/amx_matmul.cc``, one core) runs them at ~200-400. On an AMD EPYC with
+AVX512-BF16 and no AMX, the same kernel's ``vdpbf16ps`` path runs them at ~200 GFLOP/s on one
+core (XLA's bf16 dot: ~55-120 on two, for 32 rows), near that core's bf16 peak. The kernel is
+an XLA FFI custom call, compiled on first use with the system's C++ compiler
+(``charrnn.native``); both paths read B in one packed layout (``pack``).
 
-``enabled()`` says whether it is in use: the default backend is the CPU, the CPU has AMX-BF16,
-the operating system grants the tile state, the compiler ran, and ``CHARRNN_AMX`` is not
-``0``. Otherwise the model multiplies with XLA's own bf16 dot. Both sum exact bfloat16
-products in float32, so results agree to rounding: forward to float32 rounding, and the
-gradients of products outside the recurrent loops to bfloat16 rounding, as ``dot`` rounds the
-incoming cotangent to bfloat16 where XLA's rule keeps it in float32 (tests/test_amx.py: the
-losses of bf16 training steps with and without the kernel agree to 2e-4).
+``enabled()`` says whether it is in use: the default backend is the CPU, the CPU has AMX-BF16
+(with the tile state granted by the operating system) or AVX512-BF16, the compiler ran, and
+``CHARRNN_AMX`` is not ``0``. Otherwise the model multiplies with XLA's own bf16 dot. Both sum
+exact bfloat16 products in float32, so results agree to rounding: forward to float32 rounding,
+and the gradients of products outside the recurrent loops to bfloat16 rounding, as ``dot``
+rounds the incoming cotangent to bfloat16 where XLA's rule keeps it in float32
+(tests/test_amx.py: the losses of bf16 training steps with and without the kernel agree to
+2e-4).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from charrnn import native
 
 log = logging.getLogger(__name__)
 
-_TARGET = "charrnn_amx_matmul"
+_TARGET = "charrnn_bf16_matmul"
 _PACK_TARGET = "charrnn_amx_pack"
 _FALLBACK = "bfloat16 matmuls use XLA's dot"
 
@@ -39,24 +44,35 @@ _FALLBACK = "bfloat16 matmuls use XLA's dot"
 def _load() -> bool:
     if os.environ.get("CHARRNN_AMX") == "0" or jax.default_backend() != "cpu":
         return False
-    if not _cpu_has_amx():
-        # XLA's bf16 dot on such a CPU (an AVX512-BF16 AMD EPYC, say) ran at 0.9-1.2x float32.
-        log.info("AMX kernel: this CPU has no AMX-BF16; %s", _FALLBACK)
+    unit = _cpu_unit()
+    if unit is None:
+        log.info("bf16 kernel: this CPU has neither AMX-BF16 nor AVX512-BF16; %s", _FALLBACK)
         return False
     lib = native.load("amx_matmul", ["-O2", "-mamx-tile", "-mamx-bf16"], _FALLBACK)
     if lib is None:
         return False
-    if not lib.charrnn_amx_available():
-        log.info("AMX kernel: the OS does not grant the AMX tile state; %s", _FALLBACK)
+    if unit == "amx" and not lib.charrnn_amx_available():
+        unit = "avx512_bf16" if "avx512_bf16" in native.cpu_flags() else None
+        log.info("bf16 kernel: the OS does not grant the AMX tile state; %s",
+                 "trying AVX512-BF16" if unit else _FALLBACK)
+    if unit == "avx512_bf16" and not lib.charrnn_avx512bf16_available():
+        log.info("bf16 kernel: the OS does not enable the AVX-512 state; %s", _FALLBACK)
+        unit = None
+    if unit is None:
         return False
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CharrnnAmxMatmul), platform="cpu")
+    matmul = lib.CharrnnAmxMatmul if unit == "amx" else lib.CharrnnDpbf16Matmul
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(matmul), platform="cpu")
     jax.ffi.register_ffi_target(_PACK_TARGET, jax.ffi.pycapsule(lib.CharrnnAmxPack), platform="cpu")
-    log.info("AMX kernel: bfloat16 matmuls run on AMX tiles")
+    log.info("bf16 kernel: bfloat16 matmuls run on %s", "AMX tiles" if unit == "amx" else "AVX512-BF16 (vdpbf16ps)")
     return True
 
 
-def _cpu_has_amx() -> bool:
-    return {"amx_bf16", "amx_tile"} <= native.cpu_flags()
+def _cpu_unit():
+    """The bf16 matrix unit the kernel would use by /proc/cpuinfo: "amx", "avx512_bf16" or None."""
+    flags = native.cpu_flags()
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 def enabled() -> bool:

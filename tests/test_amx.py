@@ -1,8 +1,8 @@
-"""The AMX bfloat16 matmul kernel (``charrnn.amx``): exact products, gradients, the model on it,
-and the fallbacks when it cannot run.
+"""The bfloat16 matmul kernel (``charrnn.amx``: AMX tiles, or AVX512-BF16 where there is no AMX):
+exact products, gradients, the model on it, and the fallbacks when it cannot run.
 
-The numeric tests run where the kernel can (a CPU with AMX-BF16 and a C++ compiler, as this
-project's machines have) and skip elsewhere; the fallback tests run everywhere.
+The numeric tests run where the kernel can (a CPU with AMX-BF16 or AVX512-BF16 and a C++
+compiler, as this project's machines have) and skip elsewhere; the fallback tests run everywhere.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import pytest
 
 from charrnn import amx
 
-needs_amx = pytest.mark.skipif(not amx.enabled(), reason="no AMX-BF16 CPU or no C++ compiler here")
+needs_amx = pytest.mark.skipif(not amx.enabled(), reason="no AMX-BF16 or AVX512-BF16 CPU, or no C++ compiler here")
 
 
 def test_kernel_is_used_where_it_can_be():
-    # Where the CPU has AMX and a C++ compiler is installed (this project's machines and CI),
-    # the kernel must build and load: otherwise every numeric test here would quietly skip.
+    # Where the CPU has AMX or AVX512-BF16 and a C++ compiler is installed (this project's
+    # machines and CI), the kernel must build and load: otherwise every numeric test here would
+    # quietly skip.
     if jax.default_backend() != "cpu":
         pytest.skip("JAX runs on a GPU or TPU here: the CPU kernel is rightly off")
-    if not amx._cpu_has_amx() or not (shutil.which("c++") or shutil.which("g++")):
-        pytest.skip("no AMX-BF16 CPU or no C++ compiler here")
+    if amx._cpu_unit() is None or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no AMX-BF16 or AVX512-BF16 CPU, or no C++ compiler here")
     assert amx.enabled()
 
 
@@ -46,9 +47,11 @@ def exact(a, b):
 
 @needs_amx
 @pytest.mark.parametrize("m,k,n", [(16, 32, 16), (32, 512, 512), (64, 64, 96), (48, 96, 48),
-                                   (25, 128, 512), (1, 65, 65), (50, 200, 33), (3, 7, 5)])
+                                   (25, 128, 512), (1, 65, 65), (50, 200, 33), (3, 7, 5),
+                                   (37, 96, 400)])
 def test_packed_dot_matches_the_exact_product(m, k, n):
-    # Shapes off the tile grid (rows not a multiple of 16, K of 32, N of 16) are padded.
+    # Shapes off the tile grid (rows not a multiple of 16, K of 32, N of 16) are padded; on
+    # AVX512-BF16, rows not a multiple of 8 and column panels not of 3 take the edge blocks.
     a, b = bf16_operands(m, k, n)
     got = np.asarray(jax.jit(amx.packed_dot)(a, amx.pack(b)))
     assert got.shape == (m, n) and got.dtype == np.float32
@@ -114,7 +117,7 @@ def test_bfloat16_training_on_the_kernel_matches_xla(cell, monkeypatch, train_lo
 
     text_k, with_kernel = losses(True)
     text_x, with_xla = losses(False)
-    assert "charrnn_amx_matmul" in text_k and "charrnn_amx_matmul" not in text_x
+    assert "charrnn_bf16_matmul" in text_k and "charrnn_bf16_matmul" not in text_x
     np.testing.assert_allclose(with_kernel, with_xla, rtol=2e-4)
     assert with_kernel[-1] < with_kernel[0]
 
@@ -131,7 +134,7 @@ def test_float32_never_uses_the_kernel():
     x = np.zeros((4, 7), np.int32) + 3
     text = make_train_step(graphdef, opt, cfg).lower(
         state, model.initial_carry(4), (x[:, :-1], x[:, 1:], np.bool_(False))).as_text()
-    assert "charrnn_amx_matmul" not in text
+    assert "charrnn_bf16_matmul" not in text
 
 
 _PROBE = "import charrnn.amx as a, jax.numpy as jnp; print(a.enabled()); print(float(a.dot(jnp.ones((2, 32), jnp.bfloat16), jnp.ones((32, 16), jnp.bfloat16))[0, 0]))"
