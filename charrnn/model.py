@@ -468,17 +468,20 @@ def _dropout(x, rate: float, key, rows=None):
     """Inverted dropout of ``x_TxBxH``.
 
     ``rows`` is ``(first, total)`` when ``x`` holds rows ``first ..`` of a batch of ``total``
-    rows (one device's part of a data-parallel batch): the mask is then drawn for the whole
-    batch and sliced, so every row is dropped exactly as it would be on a single device.
+    rows (one device's part of a data-parallel batch). Each row's mask is drawn from its own
+    key (``key`` folded with the row's index in the whole batch), so a device draws only its
+    own rows and every row is dropped exactly as it would be on a single device. The mask is
+    16 random bits per element against ``rate`` in 65536ths (a keep probability within 2**-17
+    of ``1 - rate``): threefry, XLA:CPU's bottleneck here, then hashes half the words a
+    float draw would (with a float draw of the whole batch on every device, dropout 0.25 cost
+    a GRU 2x384's bf16 train step ~10%).
     """
     if key is None or rate == 0.0:
         return x
-    if rows is None:
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    else:
-        first, total = rows
-        keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0], total) + x.shape[2:])
-        keep = jax.lax.dynamic_slice_in_dim(keep, first, x.shape[1], axis=1)
+    first = 0 if rows is None else rows[0]
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(first + jnp.arange(x.shape[1]))
+    bits_BxTxH = jax.vmap(lambda k: jax.random.bits(k, (x.shape[0],) + x.shape[2:], jnp.uint16))(row_keys)
+    keep = jnp.swapaxes(bits_BxTxH, 0, 1) >= min(round(rate * 65536), 65535)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 

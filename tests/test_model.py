@@ -383,6 +383,17 @@ def test_dropout_mask_and_scale():
     assert abs(kept.mean() - 0.7) < 0.03
 
 
+def test_dropout_of_a_devices_rows_is_those_rows_of_the_whole_batch():
+    # Data parallel: a device holding rows 3..5 of 8 drops exactly what one device would.
+    x = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, (7, 8, 16)).astype(np.float32))
+    key = jax.random.PRNGKey(3)
+    whole = np.asarray(_dropout(x, 0.25, key))
+    part = np.asarray(jax.jit(lambda x, first: _dropout(x, 0.25, key, rows=(first, 8)))(x[:, 3:6], 3))
+    np.testing.assert_array_equal(part, whole[:, 3:6])
+    assert 0.6 < (whole != 0).mean() < 0.9
+    assert not np.array_equal(whole[:, 0] != 0, whole[:, 1] != 0)  # rows draw different masks
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_close_to_float32(cell):
     graphdef, params = _model(cell)
