@@ -45,7 +45,7 @@ def val_loss(model, stream: np.ndarray, streams: int, seq_len: int) -> float:
     h, total, count = None, 0.0, 0
     for t in range(0, n, seq_len):
         logits, h = model(x[:, t:t + seq_len], h)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, t:t + seq_len].reshape(-1),
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y[:, t:t + seq_len].reshape(-1),
                                  reduction="sum").item()
         count += y[:, t:t + seq_len].numel()
     model.train()
@@ -67,6 +67,8 @@ def main(argv=None):
                    help="decay the learning rate to a tenth over this many steps by a cosine, as "
                         "charrnn's --lr-schedule cosine --max-steps N; 0 keeps it constant")
     p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--bf16", action="store_true",
+                   help="train and evaluate under torch.autocast(\"cpu\", torch.bfloat16), as charrnn's --dtype bfloat16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed: the initial weights")
     a = p.parse_args(argv)
@@ -92,9 +94,10 @@ def main(argv=None):
         if i == 0:
             h = None
         sl = slice(i * a.seq_len, (i + 1) * a.seq_len)
-        logits, h = model(rows_x[:, sl], h)
+        with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
+            logits, h = model(rows_x[:, sl], h)
+            loss = F.cross_entropy(logits.reshape(-1, vocab).float(), rows_y[:, sl].reshape(-1))
         h = _detach(h)
-        loss = F.cross_entropy(logits.reshape(-1, vocab), rows_y[:, sl].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -104,7 +107,8 @@ def main(argv=None):
         step += 1
         trained_s += time.perf_counter() - t0
         if step % a.eval_every == 0 or trained_s >= a.minutes * 60:
-            v = val_loss(model, val, 64, a.seq_len)
+            with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
+                v = val_loss(model, val, 64, a.seq_len)
             print(json.dumps({"step": step, "minutes": round(trained_s / 60, 2), "chars": step * a.batch * a.seq_len,
                               "train_loss": round(loss.item(), 4), "val_loss": round(v, 4),
                               "val_bits": round(v / math.log(2), 4)}), flush=True)

@@ -11,7 +11,8 @@
 // zmm of 16 column pairs, multiplied against a broadcast pair of A's row.
 //
 // Built on first use by charrnn/amx.py with the system's C++ compiler; nothing here runs before
-// charrnn_amx_available() has checked CPUID and asked the kernel for the tile state.
+// charrnn_amx_available() has checked CPUID and asked the kernel for the tile state, or
+// charrnn_avx512bf16_available() has checked CPUID and that the OS saves the AVX-512 state.
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -211,10 +212,6 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
   return ffi::Error::Success();
 }
 
-// out (N'/16, K'/2, 32) = B (K x N) in the layout Block reads, zero-padded to K' = K rounded up
-// to 32 and N' = N rounded up to 16. B is b, or b's transpose when b is (N x K) and
-// transpose is set (the backward pass multiplies by transposed weights: packing straight from
-// the weight saves XLA a transpose copy). XLA's own transpose for packing ran at ~0.4 GB/s.
 // One pair-row (rows k and k + 1) of a whole panel of B's columns n0 .. n0 + 15, from b as it
 // is stored (no bounds to check: the caller keeps to the interior).
 inline void PackPair(const uint16_t* b, uint16_t* row, int64_t k, int64_t n0, int64_t K, int64_t N,
@@ -231,6 +228,10 @@ inline void PackPair(const uint16_t* b, uint16_t* row, int64_t k, int64_t n0, in
   }
 }
 
+// out (N'/16, K'/2, 32) = B (K x N) in the layout Block reads, zero-padded to K' = K rounded up
+// to 32 and N' = N rounded up to 16. B is b, or b's transpose when b is (N x K) and
+// transpose is set (the backward pass multiplies by transposed weights: packing straight from
+// the weight saves XLA a transpose copy). XLA's own transpose for packing ran at ~0.4 GB/s.
 void Pack(const uint16_t* b, uint16_t* out, int64_t K, int64_t N, int64_t Kp, int64_t Np, bool transpose) {
   const int64_t whole_k = K / 2 * 2, whole_n = N / 16 * 16;
   // The interior in blocks of 64 rows of B, every panel's share of a block before the next
