@@ -44,21 +44,24 @@ _FALLBACK = "bfloat16 matmuls use XLA's dot"
 def _load() -> bool:
     if os.environ.get("CHARRNN_AMX") == "0" or jax.default_backend() != "cpu":
         return False
-    unit = _cpu_unit()
-    if unit is None:
+    units = _cpu_units()
+    if not units:
         log.info("bf16 kernel: this CPU has neither AMX-BF16 nor AVX512-BF16; %s", _FALLBACK)
         return False
     lib = native.load("amx_matmul", ["-O2", "-mamx-tile", "-mamx-bf16"], _FALLBACK)
     if lib is None:
         return False
-    if unit == "amx" and not lib.charrnn_amx_available():
-        unit = "avx512_bf16" if "avx512_bf16" in native.cpu_flags() else None
-        log.info("bf16 kernel: the OS does not grant the AMX tile state; %s",
-                 "trying AVX512-BF16" if unit else _FALLBACK)
-    if unit == "avx512_bf16" and not lib.charrnn_avx512bf16_available():
-        log.info("bf16 kernel: the OS does not enable the AVX-512 state; %s", _FALLBACK)
-        unit = None
+    checks = {"amx": (lib.charrnn_amx_available, "the OS does not grant the AMX tile state"),
+              "avx512_bf16": (lib.charrnn_avx512bf16_available, "the OS does not enable the AVX-512 state")}
+    unit = None
+    for u in units:
+        available, why = checks[u]
+        if available():
+            unit = u
+            break
+        log.info("bf16 kernel: %s", why)
     if unit is None:
+        log.info("bf16 kernel: %s", _FALLBACK)
         return False
     matmul = lib.CharrnnAmxMatmul if unit == "amx" else lib.CharrnnDpbf16Matmul
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(matmul), platform="cpu")
@@ -67,12 +70,10 @@ def _load() -> bool:
     return True
 
 
-def _cpu_unit():
-    """The bf16 matrix unit the kernel would use by /proc/cpuinfo: "amx", "avx512_bf16" or None."""
+def _cpu_units() -> list:
+    """The bf16 units the kernel can use by /proc/cpuinfo, best first: "amx", "avx512_bf16"."""
     flags = native.cpu_flags()
-    if {"amx_bf16", "amx_tile"} <= flags:
-        return "amx"
-    return "avx512_bf16" if "avx512_bf16" in flags else None
+    return [u for u, need in (("amx", {"amx_bf16", "amx_tile"}), ("avx512_bf16", {"avx512_bf16"})) if need <= flags]
 
 
 def enabled() -> bool:

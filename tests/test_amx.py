@@ -28,7 +28,7 @@ def test_kernel_is_used_where_it_can_be():
     # quietly skip.
     if jax.default_backend() != "cpu":
         pytest.skip("JAX runs on a GPU or TPU here: the CPU kernel is rightly off")
-    if amx._cpu_unit() is None or not (shutil.which("c++") or shutil.which("g++")):
+    if not amx._cpu_units() or not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no AMX-BF16 or AVX512-BF16 CPU, or no C++ compiler here")
     assert amx.enabled()
 
