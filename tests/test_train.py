@@ -7,10 +7,12 @@ exactly 11 distinct characters.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -170,6 +172,31 @@ def test_compiling_returns_the_freed_heap(monkeypatch):
     assert calls == []
     jax.jit(lambda a: a * 3.0 + 1.0).lower(x).compile()  # a fresh compilation
     assert calls and set(calls) == {0}
+
+
+def test_blocks_above_the_mmap_threshold_are_reused_without_page_faults():
+    # A step's temporaries can be one block per device larger than glibc's largest mmap
+    # threshold (32 MiB); mapped afresh each step, every one of its pages faults again.
+    train_mod._keep_freed_memory()
+    if train_mod._release_freed_memory.trim is None:
+        pytest.skip("not glibc")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 48 << 20
+
+    def touched_block():
+        p = libc.malloc(size)
+        assert p
+        ctypes.memset(p, 1, size)
+        return p
+
+    libc.free(touched_block())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = touched_block()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(p)
+    assert faults < (size // 4096) // 20, faults  # a fresh mapping faults on each of 12k pages
 
 
 # --- the train step ----------------------------------------------------------------------------
