@@ -5,7 +5,8 @@ stream held out, the training text laid out as ``batch`` parallel streams read `
 characters at a time with the hidden state carried across batches (detached). The model is
 the benchmark's PyTorch peer (``torch_peer.CharRNN``: ``nn.LSTM``/``nn.GRU`` over one-hot
 input, a linear head), Adam with global-norm clipping 5, optional dropout between layers.
-Validation loss (nats/char over the whole held-out tenth, 64 streams) is printed as one JSON
+Validation loss (nats/char over the whole held-out tenth, 64 streams, each first reading
+the characters before it as charrnn's evaluation does) is printed as one JSON
 line per evaluation, with the minutes of training so far (evaluation time excluded).
 
     python benchmarks/torch_curve.py ../shared/corpora/tinyshakespeare.txt --minutes 10 \\
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_peer import CharRNN, _detach  # noqa: E402
 
+from charrnn.evaluate import EVAL_WARMUP  # noqa: E402
+
 
 def encode(text: str):
     chars = sorted(set(text))
@@ -37,17 +40,28 @@ def encode(text: str):
 
 
 @torch.no_grad()
-def val_loss(model, stream: np.ndarray, streams: int, seq_len: int) -> float:
+def val_loss(model, stream: np.ndarray, streams: int, seq_len: int, warmup: int = 0) -> float:
+    """Mean loss over ``streams`` contiguous rows of ``stream``, each row first reading (unscored)
+    the ``warmup`` characters before it, as charrnn's evaluation does."""
     model.eval()
     n = (len(stream) - 1) // streams
-    x = torch.from_numpy(stream[:n * streams].reshape(streams, n))
-    y = torch.from_numpy(stream[1:n * streams + 1].reshape(streams, n))
-    h, total, count = None, 0.0, 0
-    for t in range(0, n, seq_len):
+    warmup = min(warmup, n * (streams - 1))
+    # Every row reads n + warmup characters: row 0 its own n and then the start of row 1 (not
+    # scored there), row r > 0 the warmup characters before its own n.
+    lo = [0] + [r * n - warmup for r in range(1, streams)]
+    x = torch.from_numpy(np.stack([stream[a:a + n + warmup] for a in lo]))
+    y = torch.from_numpy(np.stack([stream[a + 1:a + n + warmup + 1] for a in lo]))
+    scored = torch.zeros(streams, n + warmup)
+    scored[0, :n] = 1
+    scored[1:, warmup:] = 1
+    h, total, count = None, 0.0, 0.0
+    for t in range(0, n + warmup, seq_len):
         logits, h = model(x[:, t:t + seq_len], h)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y[:, t:t + seq_len].reshape(-1),
-                                 reduction="sum").item()
-        count += y[:, t:t + seq_len].numel()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y[:, t:t + seq_len].reshape(-1),
+                              reduction="none")
+        w = scored[:, t:t + seq_len].reshape(-1)
+        total += float((nll * w).sum())
+        count += float(w.sum())
     model.train()
     return total / count
 
@@ -108,7 +122,7 @@ def main(argv=None):
         trained_s += time.perf_counter() - t0
         if step % a.eval_every == 0 or trained_s >= a.minutes * 60:
             with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-                v = val_loss(model, val, 64, a.seq_len)
+                v = val_loss(model, val, 64, a.seq_len, EVAL_WARMUP)
             print(json.dumps({"step": step, "minutes": round(trained_s / 60, 2), "chars": step * a.batch * a.seq_len,
                               "train_loss": round(loss.item(), 4), "val_loss": round(v, 4),
                               "val_bits": round(v / math.log(2), 4)}), flush=True)

@@ -343,7 +343,7 @@ class StreamBatches:
         return self.position(step)[1] == 0
 
 
-def eval_windows(stream: np.ndarray, num_streams: int, seq_len: int, chunk: int
+def eval_windows(stream: np.ndarray, num_streams: int, seq_len: int, chunk: int, warmup: int = 0
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The whole of ``stream`` as padded windows for evaluation, built lazily.
 
@@ -352,23 +352,33 @@ def eval_windows(stream: np.ndarray, num_streams: int, seq_len: int, chunk: int
     except the start token (which follows an end token by construction) has weight 1 exactly
     once; padding has weight 0. Shapes are fixed so evaluation compiles once, and only one
     chunk is in memory at a time (the stream may be memory-mapped).
+
+    With ``warmup`` each row first reads up to that many characters of the stream before its
+    own part (the end of the previous row's part) with weight 0, so that the row's first
+    targets are predicted from context, as in one reading of the whole stream, and not from an
+    empty state: the loss then hardly depends on ``num_streams``.
     """
     n = len(stream) - 1
     if n <= 0:
         return
     row_len = -(-n // num_streams)
-    windows = -(-row_len // seq_len)
+    rows = []  # (first input read, first scored input, end) of each non-empty row
+    for b in range(num_streams):
+        first, end = b * row_len, min((b + 1) * row_len, n)
+        if end > first:
+            rows.append((b, max(0, first - warmup), first, end))
+    windows = -(-max(end - lo for _, lo, _, end in rows) // seq_len)
     span = chunk * seq_len
     for k in range(0, windows, chunk):
         x = np.full((num_streams, span), END, dtype=np.int32)
         y = np.full((num_streams, span), START, dtype=np.int32)
         w = np.zeros((num_streams, span), dtype=np.float32)
-        for b in range(num_streams):
-            lo = b * row_len + k * seq_len
-            m = min(lo + span, (b + 1) * row_len, n) - lo
+        for b, row_lo, first, end in rows:
+            lo = row_lo + k * seq_len
+            m = min(lo + span, end) - lo
             if m > 0:
                 x[b, :m] = stream[lo:lo + m]
                 y[b, :m] = stream[lo + 1:lo + m + 1]
-                w[b, :m] = y[b, :m] != START
+                w[b, :m] = (y[b, :m] != START) & (np.arange(lo, lo + m) >= first)
         shape = (num_streams, chunk, seq_len)
         yield tuple(a.reshape(shape).transpose(1, 0, 2) for a in (x, y, w))

@@ -288,9 +288,9 @@ def test_one_epoch_covers_each_position_once(extra, batch_size, seq_len):
 # --- evaluation windows --------------------------------------------------------------------
 
 
-def _check_windows(stream, num_streams, seq_len, chunk):
+def _check_windows(stream, num_streams, seq_len, chunk, warmup=0):
     n = len(stream) - 1
-    chunks = list(eval_windows(stream, num_streams, seq_len, chunk))
+    chunks = list(eval_windows(stream, num_streams, seq_len, chunk, warmup))
     if n <= 0:
         assert chunks == []
         return
@@ -300,20 +300,24 @@ def _check_windows(stream, num_streams, seq_len, chunk):
     x = np.concatenate([c[0] for c in chunks])  # windows x streams x T
     y = np.concatenate([c[1] for c in chunks])
     w = np.concatenate([c[2] for c in chunks])
-    # Each row, its windows read in order, is one contiguous piece of the stream then padding.
+    # Each row, its windows read in order, is one contiguous piece of the stream then padding:
+    # up to `warmup` unscored characters before the row's own part, then that part, scored.
     rows_x = x.transpose(1, 0, 2).reshape(num_streams, -1)
     rows_y = y.transpose(1, 0, 2).reshape(num_streams, -1)
     rows_w = w.transpose(1, 0, 2).reshape(num_streams, -1)
     row_len = -(-n // num_streams)
     seen = np.zeros(n + 1, dtype=np.int64)
     for r in range(num_streams):
-        pos = np.arange(r * row_len, min((r + 1) * row_len, n))
-        k = len(pos)
+        own = np.arange(r * row_len, min((r + 1) * row_len, n))
+        lead = np.arange(max(0, r * row_len - warmup), r * row_len) if len(own) else own[:0]
+        pos = np.concatenate([lead, own])
+        k, j = len(pos), len(lead)
         np.testing.assert_array_equal(rows_x[r, :k], stream[pos])
         np.testing.assert_array_equal(rows_y[r, :k], stream[pos + 1])
-        np.testing.assert_array_equal(rows_w[r, :k], (stream[pos + 1] != START).astype(np.float32))
+        assert (rows_w[r, :j] == 0).all()  # the warm-up is read, not scored
+        np.testing.assert_array_equal(rows_w[r, j:k], (stream[own + 1] != START).astype(np.float32))
         assert (rows_w[r, k:] == 0).all()  # padding is never scored
-        seen[pos + 1] += 1
+        seen[own + 1] += 1
     # Every target appears exactly once; the scored ones are exactly the non-start targets.
     assert (seen[1:] == 1).all() and seen[0] == 0
     assert set(np.unique(w).tolist()) <= {0.0, 1.0}
@@ -333,12 +337,21 @@ def test_eval_windows_small_example():
 
 
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=12), st.integers(1, 5), st.integers(1, 6),
-       st.integers(1, 3))
-def test_eval_windows_property(doc_lengths, num_streams, seq_len, chunk):
+       st.integers(1, 3), st.integers(0, 9))
+def test_eval_windows_property(doc_lengths, num_streams, seq_len, chunk, warmup):
     docs = ["x" * n for n in doc_lengths]
     v = Vocab.from_texts(["x"])
     stream = encode_documents(docs, v)
-    _check_windows(stream, num_streams, seq_len, chunk)
+    _check_windows(stream, num_streams, seq_len, chunk, warmup)
+
+
+def test_eval_windows_warm_each_row_with_the_characters_before_it():
+    stream = np.arange(2, 23, dtype=np.int32)  # 21 tokens, 20 targets, no start token among them
+    x, y, w = (a.transpose(1, 0, 2).reshape(2, -1) for a in
+               (np.concatenate(c) for c in zip(*eval_windows(stream, 2, 4, 1, warmup=3))))
+    assert x[0, :10].tolist() == list(range(2, 12)) and w[0].tolist() == [1] * 10 + [0] * 6
+    assert x[1, :13].tolist() == list(range(9, 22))  # three characters of row 0, then its own
+    assert w[1].tolist() == [0] * 3 + [1] * 10 + [0] * 3
 
 
 def test_eval_windows_tiny_streams():

@@ -24,10 +24,11 @@ import pytest
 
 import charrnn
 from charrnn import checkpoint as ckpt
+from charrnn import data
 from charrnn import runs
 from charrnn.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from charrnn.errors import CharrnnError
-from charrnn.evaluate import weighted_nll
+from charrnn.evaluate import evaluate_stream, weighted_nll
 from charrnn.model import build_model
 from charrnn.train import (TrainState, init_state, load_train_state, lr_schedule, make_optimizer,
                            make_train_step, save_train_state, total_steps)
@@ -426,6 +427,16 @@ def test_memorizes_a_tiny_corpus(tmp_path):
     ev = run.evaluate(SHORT_TEXT)
     assert ev["chars"] == 32 and ev["nats"] < 0.3 and ev["perplexity"] == pytest.approx(math.exp(ev["nats"]))
     assert run.evaluate(SHORT_TEXT[::-1])["nats"] > 1.5
+    # Evaluation rows first read the characters before them, so the row count does not move the
+    # loss: here every row reaches back to the stream's start, as one row does.
+    stream = data.encode_documents([SHORT_TEXT], run.vocab)
+
+    def loss(rows, warmup):
+        return evaluate_stream(run.graphdef, run.params, run.model.initial_carry, stream, num_streams=rows,
+                               seq_len=4, warmup=warmup)["nats"]
+
+    assert loss(4, 100) == pytest.approx(loss(1, 0), rel=1e-5)
+    assert loss(4, 0) > loss(1, 0) + 0.1, (loss(4, 0), loss(1, 0))  # rows started cold mid-text
     with pytest.raises(CharrnnError, match="'z'"):
         run.sample(prime="zebra")
 
