@@ -4,7 +4,8 @@ The same data as ``charrnn train``: characters plus start/end tokens, the last 1
 stream held out, the training text laid out as ``batch`` parallel streams read ``seq_len``
 characters at a time with the hidden state carried across batches (detached). The model is
 the benchmark's PyTorch peer (``torch_peer.CharRNN``: ``nn.LSTM``/``nn.GRU`` over one-hot
-input, a linear head), Adam with global-norm clipping 5, optional dropout between layers.
+input, a linear head), Adam (AdamW with --weight-decay) with global-norm clipping 5, optional
+dropout between layers.
 Validation loss (nats/char over the whole held-out tenth, 64 streams, each first reading
 the characters before it as charrnn's evaluation does) is printed as one JSON
 line per evaluation, with the minutes of training so far (evaluation time excluded).
@@ -80,6 +81,8 @@ def main(argv=None):
     p.add_argument("--cosine-steps", type=int, default=0,
                    help="decay the learning rate to a tenth over this many steps by a cosine, as "
                         "charrnn's --lr-schedule cosine --max-steps N; 0 keeps it constant")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay (torch.optim.AdamW), as charrnn's --optimizer adamw --weight-decay")
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--bf16", action="store_true",
                    help="train and evaluate under torch.autocast(\"cpu\", torch.bfloat16), as charrnn's --dtype bfloat16")
@@ -94,7 +97,8 @@ def main(argv=None):
     model = CharRNN(a.cell, a.layers, a.hidden, vocab)
     if a.dropout:
         model.rnn.dropout = a.dropout
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    opt = (torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay) if a.weight_decay
+           else torch.optim.Adam(model.parameters(), lr=a.lr))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.cosine_steps, eta_min=a.lr / 10)
              if a.cosine_steps else None)
     per_row = (len(train) - 1) // a.batch
