@@ -41,16 +41,17 @@ _FALLBACK = "bfloat16 matmuls use XLA's dot"
 
 
 @functools.cache
-def _load() -> bool:
+def _load() -> str | None:
+    """The bf16 unit the kernel runs on in this process ("amx" or "avx512_bf16"), or None."""
     if os.environ.get("CHARRNN_AMX") == "0" or jax.default_backend() != "cpu":
-        return False
+        return None
     units = _cpu_units()
     if not units:
         log.info("bf16 kernel: this CPU has neither AMX-BF16 nor AVX512-BF16; %s", _FALLBACK)
-        return False
+        return None
     lib = native.load("amx_matmul", ["-O2", "-mamx-tile", "-mamx-bf16"], _FALLBACK)
     if lib is None:
-        return False
+        return None
     checks = {"amx": (lib.charrnn_amx_available, "the OS does not grant the AMX tile state"),
               "avx512_bf16": (lib.charrnn_avx512bf16_available, "the OS does not enable the AVX-512 state")}
     unit = None
@@ -62,12 +63,12 @@ def _load() -> bool:
         log.info("bf16 kernel: %s", why)
     if unit is None:
         log.info("bf16 kernel: %s", _FALLBACK)
-        return False
+        return None
     matmul = lib.CharrnnAmxMatmul if unit == "amx" else lib.CharrnnDpbf16Matmul
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(matmul), platform="cpu")
     jax.ffi.register_ffi_target(_PACK_TARGET, jax.ffi.pycapsule(lib.CharrnnAmxPack), platform="cpu")
     log.info("bf16 kernel: bfloat16 matmuls run on %s", "AMX tiles" if unit == "amx" else "AVX512-BF16 (vdpbf16ps)")
-    return True
+    return unit
 
 
 def _cpu_units() -> list:
@@ -78,6 +79,11 @@ def _cpu_units() -> list:
 
 def enabled() -> bool:
     """Whether ``dot`` runs on the AMX kernel in this process (decided once, on first call)."""
+    return _load() is not None
+
+
+def unit() -> str | None:
+    """The bf16 unit ``dot`` runs on here: "amx", "avx512_bf16", or None (XLA's dot)."""
     return _load()
 
 

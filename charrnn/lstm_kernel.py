@@ -1,4 +1,5 @@
-"""A whole float32 LSTM layer over a training window in one native call, forward and backward.
+"""A whole LSTM layer over a training window in one native call, forward and backward: float32,
+and ``--dtype bfloat16`` on CPUs whose bf16 products run on AVX512-BF16.
 
 XLA's scan runs each time step of a layer as ~15 separately dispatched operations (four small
 dots, a dozen elementwise fusions, the writes of the stacked outputs); at the shapes char-rnn
@@ -13,6 +14,12 @@ device alone on several cores splits a window's rows over threads.
 (``charrnn.native``) and ``CHARRNN_LSTM_KERNEL`` is not ``0``. Otherwise ``LSTMCell.layer`` runs
 XLA's scan (``Cell.scan``). Results agree with it to float32 rounding (the sums run in another order, and
 ``exp``/``tanh`` are other polynomial approximations of similar accuracy): tests/test_lstm_kernel.py.
+
+``bf16_enabled()``: the same kernel with its per-step product on ``vdpbf16ps`` (``kernels/bf16_dot.h``,
+shared with ``charrnn.amx``), where ``amx.unit()`` is AVX512-BF16. XLA's bf16 scan ran each step
+of an LSTM 2x512 as four bf16-kernel products of 32 x 512 x 512 plus ~15 other operations;
+here one 32 x 512 x 2048 product and the gate arithmetic in registers: that config's bf16 train
+step 11.9k -> 13.5k chars/s (AMD EPYC, 2 devices), its first step's compile 6.5 -> 1.7 s.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charrnn import native, parallel
+from charrnn import amx, native, parallel
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,8 @@ def library():
         return None
     for name, fn in (("lstm_pack_transposed", lib.CharrnnLstmPackTransposed),
                      ("lstm_forward", lib.CharrnnLstmForward), ("lstm_backward", lib.CharrnnLstmBackward),
+                     ("lstm_forward_bf16", lib.CharrnnLstmForwardBf16),
+                     ("lstm_backward_bf16", lib.CharrnnLstmBackwardBf16),
                      ("pack_panels", lib.CharrnnPackPanels),
                      ("cell_step", lib.CharrnnCellStep), ("dense", lib.CharrnnDense)):
         jax.ffi.register_ffi_target(f"charrnn_{name}", jax.ffi.pycapsule(fn), platform="cpu")
@@ -64,6 +73,16 @@ def enabled() -> bool:
     return _load()
 
 
+def bf16_enabled() -> bool:
+    """Whether ``--dtype bfloat16`` LSTM layers train on the kernel's bf16 variant here: the
+    float32 kernel is enabled and the bf16 matmuls run on AVX512-BF16 (``amx.unit()``).
+
+    On AMX hosts the layers keep XLA's scan with a tile-kernel product per gate and step
+    (measured there at 2.0-2.2x PyTorch's float32; this variant's vdpbf16ps product has not been
+    measured against it on such a host)."""
+    return enabled() and amx.enabled() and amx.unit() == "avx512_bf16"
+
+
 def pack_panels(w, gates: int):
     """``w`` (K, gates * N), gate blocks side by side, in the kernels' 32-column panels, each
     block's columns padded to a multiple of 32: ``(gates * ceil(N / 32), K, 32)``."""
@@ -81,49 +100,60 @@ def _pack_transposed(w_hh):
     return jax.ffi.ffi_call("charrnn_lstm_pack_transposed", jax.ShapeDtypeStruct(shape, jnp.float32))(w_hh)
 
 
-def _forward(threads, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
+def _forward(threads, bf16, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
     c0, h0 = carry0
     t, b, g = xw_TxBxG.shape
     out = jax.ShapeDtypeStruct((t, b, g // 4), jnp.float32)
-    return jax.ffi.ffi_call("charrnn_lstm_forward", (out, out, jax.ShapeDtypeStruct((t, b, g), jnp.float32)))(
-        xw_TxBxG, pack_panels(w_hh, 4), bias, c0, h0, keep_TxBx1, threads=np.int32(threads))
+    target, w = ("charrnn_lstm_forward_bf16", amx.pack(w_hh).data) if bf16 else ("charrnn_lstm_forward",
+                                                                                 pack_panels(w_hh, 4))
+    return jax.ffi.ffi_call(target, (out, out, jax.ShapeDtypeStruct((t, b, g), jnp.float32)))(
+        xw_TxBxG, w, bias, c0, h0, keep_TxBx1, threads=np.int32(threads))
 
 
-def layer(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1, threads=None):
+def layer(w_hh, bias, carry0, xw_TxBxG, keep_TxBx1, threads=None, dtype=jnp.float32):
     """One LSTM layer over a window: ``(final_carry, h_TxBxH)``, as ``Cell.layer`` computes it.
 
     ``w_hh``: ``(H, 4H)``, gate blocks i, f, g, o side by side; ``bias``: ``(4H,)``;
     ``carry0``: ``(c, h)``, each ``(B, H)``; ``xw_TxBxG``: the input projection, without the
     bias; ``keep_TxBx1``: 0 where the state is reset before a step, else 1. ``threads``: how
     many threads the rows are split over (default ``default_threads()``); the values do not
-    depend on it.
+    depend on it. ``dtype`` bfloat16 (where ``bf16_enabled()``): the recurrent products take
+    ``h`` (forward) and the gates' cotangent (backward) rounded to bfloat16 and ``w_hh`` in
+    bfloat16, summed in float32, as XLA's scan does in bfloat16; everything else is float32.
     """
-    return _layer(threads or default_threads(), w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
+    return _layer(threads or default_threads(), jnp.dtype(dtype) == jnp.bfloat16, w_hh, bias, carry0,
+                  xw_TxBxG, keep_TxBx1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _layer(threads, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
-    h_all, c_all, _ = _forward(threads, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _layer(threads, bf16, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
+    h_all, c_all, _ = _forward(threads, bf16, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
     return (c_all[-1], h_all[-1]), h_all
 
 
-def _layer_fwd(threads, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
-    h_all, c_all, gates = _forward(threads, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
+def _layer_fwd(threads, bf16, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1):
+    h_all, c_all, gates = _forward(threads, bf16, w_hh, bias, carry0, xw_TxBxG, keep_TxBx1)
     return ((c_all[-1], h_all[-1]), h_all), (w_hh, carry0, h_all, c_all, gates, keep_TxBx1)
 
 
-def _layer_bwd(threads, res, cotangents):
+def _layer_bwd(threads, bf16, res, cotangents):
     w_hh, (c0, h0), h_all, c_all, gates, keep_TxBx1 = res
     (dc, dh), dh_all = cotangents
     bh = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
+    target, wt = (("charrnn_lstm_backward_bf16", amx.pack(w_hh, transpose=True).data) if bf16
+                  else ("charrnn_lstm_backward", _pack_transposed(w_hh)))
     dz, d_bias, dc0, dh0 = jax.ffi.ffi_call(
-        "charrnn_lstm_backward", (jax.ShapeDtypeStruct(gates.shape, jnp.float32),
-                                  jax.ShapeDtypeStruct(gates.shape[-1:], jnp.float32), bh, bh))(
-        _pack_transposed(w_hh), gates, c_all, c0, keep_TxBx1, dh_all, dc, dh, threads=np.int32(threads))
+        target, (jax.ShapeDtypeStruct(gates.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(gates.shape[-1:], jnp.float32), bh, bh))(
+        wt, gates, c_all, c0, keep_TxBx1, dh_all, dc, dh, threads=np.int32(threads))
     # The recurrent weights' gradient for all steps at once, h_prev^T @ dz, where h_prev is
     # what each step read (the previous step's h, or h0, zeroed where reset).
     h_prev = (jnp.concatenate([h0[None], h_all[:-1]], axis=0) * keep_TxBx1).reshape(-1, h0.shape[-1])
-    d_w = jnp.dot(h_prev.T, dz.reshape(h_prev.shape[0], -1))
+    dz_2d = dz.reshape(h_prev.shape[0], -1)
+    if bf16:  # as XLA's scan in bfloat16 does it (model._scan_layer_bwd): on the bf16 kernel
+        d_w = amx.dot(h_prev.T.astype(jnp.bfloat16), dz_2d.astype(jnp.bfloat16))
+    else:
+        d_w = jnp.dot(h_prev.T, dz_2d)
     return d_w, d_bias, (dc0, dh0), dz, jnp.zeros_like(keep_TxBx1)
 
 

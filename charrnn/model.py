@@ -319,13 +319,15 @@ class LSTMCell(Cell):
     state_arity = 2
 
     def layer(self, carry, x, keep_TxBx1, dtype=jnp.float32, unroll: int = 1):
-        """``Cell.layer``; in float32 on a CPU with AVX-512, the whole window runs in one native
-        call each way (``charrnn.lstm_kernel``), on whole ``(..., 4H)`` arrays: the gate blocks
-        are kept apart only for XLA's scan (see ``_gate_blocks``)."""
-        if dtype == jnp.float32 and lstm_kernel.enabled():
+        """``Cell.layer``; in float32 on a CPU with AVX-512 (and in bfloat16 where its bf16
+        products run on AVX512-BF16), the whole window runs in one native call each way
+        (``charrnn.lstm_kernel``), on whole ``(..., 4H)`` arrays: the gate blocks are kept apart
+        only for XLA's scan (see ``_gate_blocks``)."""
+        if ((dtype == jnp.float32 and lstm_kernel.enabled())
+                or (dtype == jnp.bfloat16 and lstm_kernel.bf16_enabled())):
             # The kernel adds the bias itself (and sums its gradient from the same dz).
             return lstm_kernel.layer(self.w_hh[...], self.b_ih[...], tuple(carry),
-                                     self.project_without_bias(x, dtype), keep_TxBx1)
+                                     self.project_without_bias(x, dtype), keep_TxBx1, dtype=dtype)
         return super().layer(carry, x, keep_TxBx1, dtype, unroll)
 
     @staticmethod

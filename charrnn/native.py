@@ -41,7 +41,9 @@ def build(name: str, flags: Sequence[str], what: str) -> Optional[Path]:
         log.info("%s kernel: no C++ compiler found; %s", name, what)
         return None
     flags = ["-std=c++17", "-shared", "-fPIC", "-w", *flags, f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256("\0".join([source.read_text(), jax.__version__, cxx, *flags]).encode()).hexdigest()[:16]
+    # The headers beside the sources are part of every source (kernels/*.h).
+    headers = [h.read_text() for h in sorted(KERNELS.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, jax.__version__, cxx, *flags]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}.so"
     if out.is_file():
         return out

@@ -7,6 +7,7 @@ project's machines have) and skip elsewhere; the fallback tests run everywhere.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -21,6 +22,9 @@ from charrnn import lstm_kernel, native
 from charrnn import model as M
 
 needs_kernel = pytest.mark.skipif(not lstm_kernel.enabled(), reason="no AVX-512 CPU or no C++ compiler here")
+needs_bf16_kernel = pytest.mark.skipif(not lstm_kernel.bf16_enabled(),
+                                       reason="no AVX512-BF16 CPU (or one with AMX), or no C++ compiler here")
+DTYPES = [jnp.float32, pytest.param(jnp.bfloat16, marks=needs_bf16_kernel)]
 
 
 def test_kernel_is_used_where_it_can_be():
@@ -31,6 +35,8 @@ def test_kernel_is_used_where_it_can_be():
     if "avx512f" not in native.cpu_flags() or not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no AVX-512 CPU or no C++ compiler here")
     assert lstm_kernel.enabled()
+    if "avx512_bf16" in native.cpu_flags() and "amx_tile" not in native.cpu_flags():
+        assert lstm_kernel.bf16_enabled()  # and so the bfloat16 tests below run too
 
 
 def inputs(T, B, H, seed=0, reset=0.15):
@@ -63,9 +69,9 @@ def reference(w, bias, carry0, xw, keep):
     return np.stack(hs), np.stack(cs)
 
 
-def xla_layer(w, bias, carry0, xw, keep):
+def xla_layer(w, bias, carry0, xw, keep, dtype=jnp.float32):
     """The same layer on XLA's scan (the model's path without the kernel)."""
-    return M._scan_layer(M.LSTMCell, jnp.float32, 1, M._gate_blocks(w, 4), carry0,
+    return M._scan_layer(M.LSTMCell, dtype, 1, M._gate_blocks(w, 4), carry0,
                          M._gate_blocks(xw + bias[None, None], 4), keep)
 
 
@@ -126,19 +132,22 @@ def test_a_reset_cuts_the_gradient_to_the_state_before_it():
 
 
 @needs_kernel
-def test_rows_do_not_depend_on_how_many_there_are():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_do_not_depend_on_how_many_there_are(dtype):
     # Data parallelism gives each device some of the rows: a row's result must not depend on
     # how many rows share the call (the matmul's row blocks differ), bit for bit.
     w, bias, carry0, xw, keep = inputs(8, 29, 48, seed=4)
-    whole = jax.jit(lstm_kernel.layer)(w, bias, carry0, xw, keep)[1]
+    layer = jax.jit(functools.partial(lstm_kernel.layer, dtype=dtype))
+    whole = layer(w, bias, carry0, xw, keep)[1]
     for rows in (slice(5, 12), slice(0, 1), slice(3, 28)):
-        part = jax.jit(lstm_kernel.layer)(w, bias, tuple(c[rows] for c in carry0), xw[:, rows], keep[:, rows])[1]
+        part = layer(w, bias, tuple(c[rows] for c in carry0), xw[:, rows], keep[:, rows])[1]
         np.testing.assert_array_equal(np.asarray(part), np.asarray(whole[:, rows]))
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [2, 3, 7])
-def test_rows_split_over_threads_give_the_same_values_and_gradients(threads):
+def test_rows_split_over_threads_give_the_same_values_and_gradients(threads, dtype):
     # One device alone on several cores splits a window's rows over threads (13 rows: parts of
     # 4-5 rows; 7 threads ask for more parts than 4-row parts allow). Every output, the
     # gradients (dz's row sums for the bias among them) included, must equal one thread's bit
@@ -148,7 +157,7 @@ def test_rows_split_over_threads_give_the_same_values_and_gradients(threads):
 
     def run(n):
         def loss(w, bias, carry0, xw):
-            (c, h), h_all = lstm_kernel.layer(w, bias, carry0, xw, keep, threads=n)
+            (c, h), h_all = lstm_kernel.layer(w, bias, carry0, xw, keep, threads=n, dtype=dtype)
             return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(w, bias, carry0, xw)
 
@@ -156,6 +165,38 @@ def test_rows_split_over_threads_give_the_same_values_and_gradients(threads):
     assert float(jnp.abs(one[1][1]).max()) > 0.01  # the bias gradient is really summed
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("T,B,H", SHAPES + [(20, 32, 512)])
+def test_bfloat16_values_and_gradients_match_xla_bfloat16_scan(T, B, H):
+    # Both round h (forward) and the gates' cotangent (backward) to bfloat16 before each
+    # recurrent product and sum exact bfloat16 products in float32: they agree to float32
+    # rounding (which, now and then, rounds a value to the neighbouring bfloat16 and so grows
+    # over a long window: 3e-5 in h after 20 steps of H = 512), far closer than either is to
+    # the float32 layer (bfloat16's rounding: 1e-4 to 2e-3 in h here).
+    w, bias, carry0, xw, keep = inputs(T, B, H, seed=1)
+    proj = jnp.asarray(np.random.default_rng(2).standard_normal((T, B, H)), jnp.float32)
+
+    def loss(layer, w, bias, carry0, xw):
+        (c, h), h_all = layer(w, bias, carry0, xw, keep)
+        return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
+
+    layers = {"kernel": functools.partial(lstm_kernel.layer, dtype=jnp.bfloat16),
+              "xla": functools.partial(xla_layer, dtype=jnp.bfloat16), "f32": lstm_kernel.layer}
+    h = {k: np.asarray(jax.jit(f)(w, bias, carry0, xw, keep)[1]) for k, f in layers.items()}
+    grads = {k: jax.jit(jax.value_and_grad(functools.partial(loss, f), argnums=(0, 1, 2, 3)))(w, bias, carry0, xw)
+             for k, f in layers.items()}
+    near, far = np.abs(h["kernel"] - h["xla"]).max(), np.abs(h["kernel"] - h["f32"]).max()
+    assert near <= 1e-4 and far > 30 * near
+    np.testing.assert_allclose(float(grads["kernel"][0]), float(grads["xla"][0]), rtol=1e-5, atol=1e-4)
+    for g, r in zip(jax.tree.leaves(grads["kernel"][1]), jax.tree.leaves(grads["xla"][1])):
+        assert g.shape == r.shape and g.dtype == jnp.float32
+        scale = float(jnp.max(jnp.abs(r)))
+        if scale == 0.0:  # the initial carry of a row reset on the first step
+            assert float(jnp.max(jnp.abs(g))) == 0.0
+            continue
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-3 * scale, rtol=0)
 
 
 def test_one_device_alone_uses_every_core_and_devices_share_them(monkeypatch):
@@ -181,9 +222,23 @@ def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_loss
     assert with_kernel[-1] < with_kernel[0]
 
 
-@pytest.mark.parametrize("cell,dtype", [("gru", "float32"), ("rnn", "float32"), ("lstm", "bfloat16")])
-def test_only_float32_lstm_layers_use_it(monkeypatch, train_losses, cell, dtype):
+@needs_bf16_kernel
+def test_bfloat16_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses):
+    monkeypatch.setattr(lstm_kernel, "bf16_enabled", lambda: True)
+    text_k, with_kernel = train_losses("lstm", "bfloat16", hidden=48, low_token=1)
+    monkeypatch.setattr(lstm_kernel, "bf16_enabled", lambda: False)
+    text_x, with_xla = train_losses("lstm", "bfloat16", hidden=48, low_token=1)
+    assert "charrnn_lstm_forward_bf16" in text_k and "charrnn_lstm_backward_bf16" in text_k
+    assert "charrnn_lstm" not in text_x
+    np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-5)
+    assert with_kernel[-1] < with_kernel[0]
+
+
+@pytest.mark.parametrize("cell,dtype", [("gru", "float32"), ("rnn", "float32"), ("gru", "bfloat16"),
+                                        ("lstm", "bfloat16")])
+def test_only_lstm_layers_use_it_and_bfloat16_ones_only_where_bf16_enabled(monkeypatch, train_losses, cell, dtype):
     monkeypatch.setattr(lstm_kernel, "enabled", lambda: True)
+    monkeypatch.setattr(lstm_kernel, "bf16_enabled", lambda: False)
     text, _ = train_losses(cell, dtype, hidden=48, low_token=1, steps=0)  # the program is enough
     assert "charrnn_lstm" not in text
 
@@ -220,3 +275,23 @@ def test_a_failed_build_falls_back_to_xla(tmp_path):
     assert on == "False" and float(value) != 0.0
     assert "build failed" in err
     assert not list((tmp_path / "kernels").glob("*.so"))  # no half-built library left behind
+
+
+def test_a_kernel_is_rebuilt_when_a_header_it_includes_changes(tmp_path, monkeypatch):
+    # rnn_cpu.cc and amx_matmul.cc both include kernels/bf16_dot.h: a library built from an
+    # older header must not be loaded as current.
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler here")
+    kernels = tmp_path / "src"
+    kernels.mkdir()
+    (kernels / "k.h").write_text("inline int Value() { return 1; }\n")
+    (kernels / "k.cc").write_text('#include "k.h"\nextern "C" int value() { return Value(); }\n')
+    monkeypatch.setattr(native, "KERNELS", kernels)
+    monkeypatch.setenv("CHARRNN_KERNEL_CACHE", str(tmp_path / "cache"))
+    first = native.build("k", [], "nothing")
+    assert first is not None and native.build("k", [], "nothing") == first  # built once
+    (kernels / "k.h").write_text("inline int Value() { return 2; }\n")
+    second = native.build("k", [], "nothing")
+    assert second is not None and second != first
+    import ctypes
+    assert ctypes.CDLL(str(second)).value() == 2

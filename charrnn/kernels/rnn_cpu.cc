@@ -1,5 +1,7 @@
 // charrnn's float32 recurrent kernels for x86 CPUs with AVX-512, as XLA FFI custom calls:
-//  - a whole LSTM layer over a training window, forward and backward (charrnn/lstm_kernel.py);
+//  - a whole LSTM layer over a training window, forward and backward (charrnn/lstm_kernel.py),
+//    with its recurrent products in float32 or, for --dtype bfloat16 on AVX512-BF16, in bf16
+//    (Bf16Product below; everything else stays float32);
 //  - one time step of an LSTM, GRU or tanh-RNN layer, and the dense output layer, for sampling
 //    (charrnn/step_kernel.py; see "one time step" below).
 // The training layer first:
@@ -43,6 +45,8 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#include "bf16_dot.h"
 
 namespace ffi = xla::ffi;
 
@@ -193,25 +197,69 @@ inline void Store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m,
 
 // ---- the layer ---------------------------------------------------------------------------
 
+// The recurrent product of a step, z (R x Ldc(), gate block q at columns q * Block()) = a @ w,
+// where a is R rows of K values (row stride lda), each first scaled by row_scale[r] where
+// row_scale is given (keep: 0 where the state was reset). Two kinds, one layer code:
+//  - F32Product: w in PackPanels' 32-column panels, float32 FMAs (Matmul above);
+//  - Bf16Product: w packed for vdpbf16ps (amx_matmul.cc's Pack; bf16_dot.h), a rounded to
+//    bfloat16 first, products summed in float32: what XLA's scan computes in --dtype bfloat16
+//    (h and the cotangent rounded to bfloat16 before each recurrent matmul), in one call per
+//    window instead of ~20 dispatched operations per step.
+struct F32Product {
+  using Scratch = std::vector<float>;
+  const float* panels;
+  int64_t n_panels;  // 32-column panels of the product's output
+  int64_t block;     // columns of one gate block in the output (N rounded up to 32)
+
+  int64_t Ldc() const { return n_panels * kPanel; }
+  int64_t Block() const { return block; }
+  void Multiply(const float* a, int64_t lda, int64_t R, int64_t K, const float* row_scale, Scratch& scaled,
+                float* z) const {
+    if (row_scale) {
+      scaled.resize(R * K);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t k = 0; k < K; ++k) scaled[r * K + k] = a[r * lda + k] * row_scale[r];
+      a = scaled.data(), lda = K;
+    }
+    Matmul(a, lda, R, K, panels, n_panels, z, Ldc());
+  }
+};
+
+struct Bf16Product {
+  using Scratch = std::vector<uint16_t>;
+  const uint16_t* packed;  // (Np / 16, Kp / 2, 32)
+  int64_t Kp, Np;          // K rounded up to 32, N to 16
+  int64_t block;           // columns of one gate block (N / gates: the packed columns are N's own)
+
+  int64_t Ldc() const { return Np; }
+  int64_t Block() const { return block; }
+  void Multiply(const float* a, int64_t lda, int64_t R, int64_t K, const float* row_scale, Scratch& a16,
+                float* z) const {
+    a16.resize(R * Kp);
+    RowsToBf16(a, lda, R, K, row_scale, 1, a16.data(), Kp);
+    DpMatmul(a16.data(), packed, z, R, Kp, Np);
+  }
+};
+
+
 // Rows [b0, b1) of the window (rows never interact: each part of a split call runs on its own
 // thread with no synchronisation until the end). Row b of step t is at (t * B + b).
-void Forward(const float* xw, const float* wp, const float* bias, const float* c0, const float* h0,
+template <typename Product>
+void Forward(const float* xw, const Product& w, const float* bias, const float* c0, const float* h0,
              const float* keep, float* h_all, float* c_all, float* gates, int64_t T, int64_t B, int64_t H,
              int64_t b0, int64_t b1) {
-  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H, R = b1 - b0;
-  std::vector<float> prev_h(R * H), z(R * 4 * Hp);
+  const int64_t BH = B * H, G = 4 * H, R = b1 - b0, ldz = w.Ldc(), block = w.Block();
+  std::vector<float> z(R * ldz);
+  typename Product::Scratch scratch;
   for (int64_t t = 0; t < T; ++t) {
     const float* c_before = t ? c_all + (t - 1) * BH : c0;
     const float* h_before = t ? h_all + (t - 1) * BH : h0;
-    for (int64_t b = b0; b < b1; ++b) {  // the state the step reads: zero where a document starts
-      const float k = keep[t * B + b];
-      for (int64_t j = 0; j < H; ++j) prev_h[(b - b0) * H + j] = h_before[b * H + j] * k;
-    }
-    Matmul(prev_h.data(), H, R, H, wp, 4 * Hp / kPanel, z.data(), 4 * Hp);
+    // The state the step reads, zero where a document starts, times w_hh (all four gates).
+    w.Multiply(h_before + b0 * H, H, R, H, keep + t * B + b0, scratch, z.data());
     for (int64_t b = b0; b < b1; ++b) {
       const __m512 k = _mm512_set1_ps(keep[t * B + b]);
       const int64_t row = t * BH + b * H;
-      const float* zr = z.data() + (b - b0) * 4 * Hp;
+      const float* zr = z.data() + (b - b0) * ldz;
       const float* xr = xw + (t * B + b) * G;
       float* gr = gates + (t * B + b) * G;
       for (int64_t j = 0; j < H; j += 16) {
@@ -219,7 +267,7 @@ void Forward(const float* xw, const float* wp, const float* bias, const float* c
         __m512 pre[4];
         for (int q = 0; q < 4; ++q) {
           pre[q] = _mm512_add_ps(_mm512_add_ps(Load(xr + q * H + j, m), Load(bias + q * H + j, m)),
-                                 Load(zr + q * Hp + j, m));
+                                 Load(zr + q * block + j, m));
         }
         const __m512 i = Sigmoid(pre[0]), f = Sigmoid(pre[1]), g = Tanh(pre[2]), o = Sigmoid(pre[3]);
         const __m512 c_prev = _mm512_mul_ps(Load(c_before + b * H + j, m), k);
@@ -237,11 +285,13 @@ void Forward(const float* xw, const float* wp, const float* bias, const float* c
 
 // Rows [b0, b1), as Forward. d_bias is summed afterwards (BiasGradient), so that its order of
 // additions does not depend on how the rows were split.
-void Backward(const float* wtp, const float* gates, const float* c_all, const float* c0, const float* keep,
+template <typename Product>
+void Backward(const Product& wt, const float* gates, const float* c_all, const float* c0, const float* keep,
               const float* dh_all, const float* dc_T, const float* dh_T, float* dz_all, float* dc0, float* dh0,
               int64_t T, int64_t B, int64_t H, int64_t b0, int64_t b1) {
-  const int64_t Hp = RoundUp(H, kPanel), BH = B * H, G = 4 * H, R = b1 - b0;
-  std::vector<float> d_prev_h(R * Hp), dc(dc_T + b0 * H, dc_T + b1 * H), dh(dh_T + b0 * H, dh_T + b1 * H);
+  const int64_t BH = B * H, G = 4 * H, R = b1 - b0, ldd = wt.Ldc();
+  std::vector<float> d_prev_h(R * ldd), dc(dc_T + b0 * H, dc_T + b1 * H), dh(dh_T + b0 * H, dh_T + b1 * H);
+  typename Product::Scratch scratch;
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_before = t ? c_all + (t - 1) * BH : c0;
@@ -272,10 +322,10 @@ void Backward(const float* wtp, const float* gates, const float* c_all, const fl
       }
     }
     // d h_prev = dz @ w_hh^T, all four gates in one matmul over K = 4H.
-    Matmul(dz, G, R, G, wtp, Hp / kPanel, d_prev_h.data(), Hp);
+    wt.Multiply(dz, G, R, G, nullptr, scratch, d_prev_h.data());
     for (int64_t b = 0; b < R; ++b) {
       const float k = keep[t * B + b0 + b];
-      for (int64_t j = 0; j < H; ++j) dh[b * H + j] = d_prev_h[b * Hp + j] * k;
+      for (int64_t j = 0; j < H; ++j) dh[b * H + j] = d_prev_h[b * ldd + j] * k;
     }
   }
   std::memcpy(dc0 + b0 * H, dc.data(), R * H * sizeof(float));
@@ -600,39 +650,66 @@ ffi::Error DenseImpl(F32 x, F32 wp, F32 bias, F32Ret y, int32_t threads) {
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(F32 xw, F32 wp, F32 bias, F32 c0, F32 h0, F32 keep, F32Ret h_all, F32Ret c_all,
-                       F32Ret gates, int32_t threads) {
-  const auto d = xw.dimensions();
-  if (d.size() != 3 || d[2] % 4) return Bad("lstm_forward: xw must be T x B x 4H");
-  const int64_t T = d[0], B = d[1], H = d[2] / 4;
-  if (!Count(wp, 4 * H * RoundUp(H, kPanel)) || !Count(bias, 4 * H) || !Count(c0, B * H) || !Count(h0, B * H) ||
-      !Count(keep, T * B)) {
+using BF16 = ffi::Buffer<ffi::BF16>;
+
+// What Forward and Backward read of w_hh (or its transpose) packed for vdpbf16ps, (Np/16, Kp/2,
+// 32) for a K x N product: null where the buffer does not have that shape.
+const uint16_t* Bf16Packed(const BF16& w, int64_t K, int64_t N) {
+  const auto d = w.dimensions();
+  if (d.size() != 3 || d[0] != RoundUp(N, 16) / 16 || d[1] != RoundUp(K, 32) / 2 || d[2] != 32) return nullptr;
+  return reinterpret_cast<const uint16_t*>(w.typed_data());
+}
+
+template <typename Product>
+ffi::Error RunForward(const Product& w, F32 xw, F32 bias, F32 c0, F32 h0, F32 keep, F32Ret h_all, F32Ret c_all,
+                      F32Ret gates, int64_t T, int64_t B, int64_t H, int32_t threads) {
+  if (!Count(bias, 4 * H) || !Count(c0, B * H) || !Count(h0, B * H) || !Count(keep, T * B)) {
     return Bad("lstm_forward: inconsistent shapes");
   }
   const int parts = RowParts(threads, B);
   auto part = [&](int p) {
-    Forward(xw.typed_data(), wp.typed_data(), bias.typed_data(), c0.typed_data(), h0.typed_data(),
-            keep.typed_data(), h_all->typed_data(), c_all->typed_data(), gates->typed_data(), T, B, H,
-            B * p / parts, B * (p + 1) / parts);
+    Forward(xw.typed_data(), w, bias.typed_data(), c0.typed_data(), h0.typed_data(), keep.typed_data(),
+            h_all->typed_data(), c_all->typed_data(), gates->typed_data(), T, B, H, B * p / parts,
+            B * (p + 1) / parts);
   };
   Pool::Get().Run(parts, part, /*linger=*/false);
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_all, F32 dc, F32 dh, F32Ret dz,
-                        F32Ret d_bias, F32Ret dc0, F32Ret dh0, int32_t threads) {
-  const auto d = c_all.dimensions();
-  if (d.size() != 3) return Bad("lstm_backward: c_all must be T x B x H");
-  const int64_t T = d[0], B = d[1], H = d[2];
-  if (!Count(wtp, 4 * H * RoundUp(H, kPanel)) || !Count(gates, 4 * T * B * H) || !Count(dh_all, T * B * H) ||
-      !Count(c0, B * H) || !Count(dc, B * H) || !Count(dh, B * H) || !Count(keep, T * B)) {
+ffi::Error ForwardImpl(F32 xw, F32 wp, F32 bias, F32 c0, F32 h0, F32 keep, F32Ret h_all, F32Ret c_all,
+                       F32Ret gates, int32_t threads) {
+  const auto d = xw.dimensions();
+  if (d.size() != 3 || d[2] % 4) return Bad("lstm_forward: xw must be T x B x 4H");
+  const int64_t T = d[0], B = d[1], H = d[2] / 4, Hp = RoundUp(H, kPanel);
+  if (!Count(wp, 4 * H * Hp)) return Bad("lstm_forward: inconsistent shapes");
+  return RunForward(F32Product{wp.typed_data(), 4 * Hp / kPanel, Hp}, xw, bias, c0, h0, keep, h_all, c_all, gates,
+                    T, B, H, threads);
+}
+
+ffi::Error Bf16ForwardImpl(F32 xw, BF16 wp, F32 bias, F32 c0, F32 h0, F32 keep, F32Ret h_all, F32Ret c_all,
+                           F32Ret gates, int32_t threads) {
+  const auto d = xw.dimensions();
+  if (d.size() != 3 || d[2] % 4) return Bad("lstm_forward_bf16: xw must be T x B x 4H");
+  const int64_t T = d[0], B = d[1], H = d[2] / 4;
+  const uint16_t* w = Bf16Packed(wp, H, 4 * H);
+  if (!w) return Bad("lstm_forward_bf16: w_hh is not packed for H x 4H");
+  return RunForward(Bf16Product{w, RoundUp(H, 32), RoundUp(4 * H, 16), H}, xw, bias, c0, h0, keep, h_all, c_all,
+                    gates, T, B, H, threads);
+}
+
+template <typename Product>
+ffi::Error RunBackward(const Product& wt, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_all, F32 dc, F32 dh,
+                       F32Ret dz, F32Ret d_bias, F32Ret dc0, F32Ret dh0, int64_t T, int64_t B, int64_t H,
+                       int32_t threads) {
+  if (!Count(gates, 4 * T * B * H) || !Count(dh_all, T * B * H) || !Count(c0, B * H) || !Count(dc, B * H) ||
+      !Count(dh, B * H) || !Count(keep, T * B)) {
     return Bad("lstm_backward: inconsistent shapes");
   }
   const int parts = RowParts(threads, B);
   auto part = [&](int p) {
-    Backward(wtp.typed_data(), gates.typed_data(), c_all.typed_data(), c0.typed_data(), keep.typed_data(),
-             dh_all.typed_data(), dc.typed_data(), dh.typed_data(), dz->typed_data(), dc0->typed_data(),
-             dh0->typed_data(), T, B, H, B * p / parts, B * (p + 1) / parts);
+    Backward(wt, gates.typed_data(), c_all.typed_data(), c0.typed_data(), keep.typed_data(), dh_all.typed_data(),
+             dc.typed_data(), dh.typed_data(), dz->typed_data(), dc0->typed_data(), dh0->typed_data(), T, B, H,
+             B * p / parts, B * (p + 1) / parts);
   };
   Pool::Get().Run(parts, part, /*linger=*/false);
   // The bias gradient by columns (16 at a time), over the finished dz.
@@ -644,6 +721,27 @@ ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_
   };
   Pool::Get().Run(bias_parts, bias_part, /*linger=*/false);
   return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(F32 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_all, F32 dc, F32 dh, F32Ret dz,
+                        F32Ret d_bias, F32Ret dc0, F32Ret dh0, int32_t threads) {
+  const auto d = c_all.dimensions();
+  if (d.size() != 3) return Bad("lstm_backward: c_all must be T x B x H");
+  const int64_t T = d[0], B = d[1], H = d[2], Hp = RoundUp(H, kPanel);
+  if (!Count(wtp, 4 * H * Hp)) return Bad("lstm_backward: inconsistent shapes");
+  return RunBackward(F32Product{wtp.typed_data(), Hp / kPanel, Hp}, gates, c_all, c0, keep, dh_all, dc, dh, dz,
+                     d_bias, dc0, dh0, T, B, H, threads);
+}
+
+ffi::Error Bf16BackwardImpl(BF16 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F32 dh_all, F32 dc, F32 dh,
+                            F32Ret dz, F32Ret d_bias, F32Ret dc0, F32Ret dh0, int32_t threads) {
+  const auto d = c_all.dimensions();
+  if (d.size() != 3) return Bad("lstm_backward_bf16: c_all must be T x B x H");
+  const int64_t T = d[0], B = d[1], H = d[2];
+  const uint16_t* wt = Bf16Packed(wtp, 4 * H, H);
+  if (!wt) return Bad("lstm_backward_bf16: w_hh^T is not packed for 4H x H");
+  return RunBackward(Bf16Product{wt, RoundUp(4 * H, 32), RoundUp(H, 16), H}, gates, c_all, c0, keep, dh_all, dc,
+                     dh, dz, d_bias, dc0, dh0, T, B, H, threads);
 }
 
 }  // namespace
@@ -662,6 +760,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForward, ForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()                                   // packed w_hh^T
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // gates, c_all, c0, keep
+                                  .Arg<F32>().Arg<F32>().Arg<F32>()             // dh_all, dc, dh
+                                  .Ret<F32>().Ret<F32>()                        // dz, d_bias
+                                  .Ret<F32>().Ret<F32>()                        // dc0, dh0
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForwardBf16, Bf16ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()              // xw
+                                  .Arg<BF16>().Arg<F32>()  // w_hh packed for vdpbf16ps, bias
+                                  .Arg<F32>().Arg<F32>()   // c0, h0
+                                  .Arg<F32>()              // keep
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // h_all, c_all, gates
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackwardBf16, Bf16BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<BF16>()                                  // w_hh^T packed for vdpbf16ps
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // gates, c_all, c0, keep
                                   .Arg<F32>().Arg<F32>().Arg<F32>()             // dh_all, dc, dh
                                   .Ret<F32>().Ret<F32>()                        // dz, d_bias
