@@ -234,6 +234,13 @@ CPU_DEVICES = [1]
 
 def _run(kind: str, **args) -> dict:
     env = dict(os.environ)
+    if kind == "charrnn-train":
+        # As `charrnn train` re-runs itself (charrnn.hugepages): its large blocks in huge pages.
+        # The PyTorch peer runs as a user's script would, in the environment as it is.
+        sys.path.insert(0, str(HERE.parent))
+        from charrnn import hugepages
+
+        env = hugepages.rerun_env(env) or env
     if kind.startswith("charrnn") and CPU_DEVICES[0] > 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={CPU_DEVICES[0]}").strip()

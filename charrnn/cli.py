@@ -505,8 +505,18 @@ def plot(runs: tuple[str, ...], output: str) -> None:
     click.echo(f"wrote {plot_runs([Path(r) for r in runs], Path(output))}")
 
 
+def _command(args: list) -> Optional[str]:
+    """The subcommand ``args`` name (the group's own options take no values)."""
+    return next((a for a in args if not a.startswith("-")), None)
+
+
 def main() -> None:
     """Console-script entry point."""
+    if _command(sys.argv[1:]) == "train":
+        # First of all, while nothing has started: glibc reads the tunable only at start-up.
+        from charrnn import hugepages
+
+        hugepages.rerun_with_huge_pages()
     cli.main()
 
 

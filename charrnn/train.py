@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
-from charrnn import inference, parallel, runs
+from charrnn import hugepages, inference, parallel, runs
 from charrnn import sample as sample_mod
 from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig
 from charrnn.errors import CharrnnError
@@ -126,6 +126,11 @@ def _keep_freed_memory() -> None:
     if _keep_freed_memory.done:
         return
     _keep_freed_memory.done = True
+    if hugepages.asked():
+        log.info("malloc: GLIBC_TUNABLES=%s", os.environ["GLIBC_TUNABLES"])
+    elif hugepages.rerun_env() is not None:
+        log.info("malloc: start Python with GLIBC_TUNABLES=%s=1 for ~20%% faster steps (charrnn train "
+                 "does): see charrnn.hugepages", hugepages.TUNABLE)
     try:
         libc = ctypes.CDLL(None)
         mallopt, trim = libc.mallopt, libc.malloc_trim
