@@ -78,6 +78,26 @@ def xla_layer(w, bias, carry0, xw, keep, dtype=jnp.float32):
 SHAPES = [(7, 1, 16), (12, 5, 40), (9, 13, 100), (5, 32, 64), (3, 25, 33)]
 
 
+def window_loss(keep, proj):
+    """``loss(layer, w, bias, carry0, xw)``: a scalar that reads every output of the layer over the
+    window (h at every step through ``proj``, and the final carry), for comparing gradients."""
+    def loss(layer, w, bias, carry0, xw):
+        (c, h), h_all = layer(w, bias, carry0, xw, keep)
+        return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
+    return loss
+
+
+def assert_gradients_close(got, want, rel):
+    """Each gradient of ``got`` within ``rel`` of the largest magnitude of ``want``'s."""
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == r.shape and g.dtype == jnp.float32
+        scale = float(jnp.max(jnp.abs(r)))
+        if scale == 0.0:  # the initial carry of a row reset on the first step
+            assert float(jnp.max(jnp.abs(g))) == 0.0
+            continue
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=rel * scale, rtol=0)
+
+
 @needs_kernel
 @pytest.mark.parametrize("T,B,H", SHAPES)
 def test_forward_matches_a_float64_reference(T, B, H):
@@ -95,25 +115,14 @@ def test_forward_matches_a_float64_reference(T, B, H):
 @pytest.mark.parametrize("T,B,H", SHAPES)
 def test_gradients_match_xla_scan(T, B, H):
     w, bias, carry0, xw, keep = inputs(T, B, H, seed=1)
-    proj = jnp.asarray(np.random.default_rng(2).standard_normal((T, B, H)), jnp.float32)
-
-    def loss(layer, w, bias, carry0, xw):
-        (c, h), h_all = layer(w, bias, carry0, xw, keep)
-        return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
-
+    loss = window_loss(keep, jnp.asarray(np.random.default_rng(2).standard_normal((T, B, H)), jnp.float32))
     args = (w, bias, carry0, xw)
     got = jax.jit(jax.value_and_grad(lambda *a: loss(lstm_kernel.layer, *a), argnums=(0, 1, 2, 3)))(*args)
     want = jax.jit(jax.value_and_grad(lambda *a: loss(xla_layer, *a), argnums=(0, 1, 2, 3)))(*args)
     # a sum of T*B*H terms of order 1, each within a few float32 ulps
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=0, atol=1e-7 * T * B * H)
     assert float(jnp.max(jnp.abs(got[1][0]))) > 0.01 and float(jnp.max(jnp.abs(got[1][1]))) > 0.01
-    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
-        assert g.shape == r.shape
-        scale = float(jnp.max(jnp.abs(r)))
-        if scale == 0.0:  # the initial carry of a row reset on the first step
-            assert float(jnp.max(jnp.abs(g))) == 0.0
-            continue
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * scale, rtol=0)
+    assert_gradients_close(got[1], want[1], 1e-5)
 
 
 @needs_kernel
@@ -153,13 +162,11 @@ def test_rows_split_over_threads_give_the_same_values_and_gradients(threads, dty
     # gradients (dz's row sums for the bias among them) included, must equal one thread's bit
     # for bit.
     w, bias, carry0, xw, keep = inputs(9, 13, 40, seed=5)
-    proj = jnp.asarray(np.random.default_rng(6).standard_normal((9, 13, 40)), jnp.float32)
+    loss = window_loss(keep, jnp.asarray(np.random.default_rng(6).standard_normal((9, 13, 40)), jnp.float32))
 
     def run(n):
-        def loss(w, bias, carry0, xw):
-            (c, h), h_all = lstm_kernel.layer(w, bias, carry0, xw, keep, threads=n, dtype=dtype)
-            return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(w, bias, carry0, xw)
+        layer = functools.partial(lstm_kernel.layer, threads=n, dtype=dtype)
+        return jax.jit(jax.value_and_grad(functools.partial(loss, layer), argnums=(0, 1, 2, 3)))(w, bias, carry0, xw)
 
     one, many = run(1), run(threads)
     assert float(jnp.abs(one[1][1]).max()) > 0.01  # the bias gradient is really summed
@@ -176,12 +183,7 @@ def test_bfloat16_values_and_gradients_match_xla_bfloat16_scan(T, B, H):
     # over a long window: 3e-5 in h after 20 steps of H = 512), far closer than either is to
     # the float32 layer (bfloat16's rounding: 1e-4 to 2e-3 in h here).
     w, bias, carry0, xw, keep = inputs(T, B, H, seed=1)
-    proj = jnp.asarray(np.random.default_rng(2).standard_normal((T, B, H)), jnp.float32)
-
-    def loss(layer, w, bias, carry0, xw):
-        (c, h), h_all = layer(w, bias, carry0, xw, keep)
-        return jnp.sum(jnp.sin(h_all) * proj) + jnp.sum(0.3 * c) + jnp.sum(0.7 * h)
-
+    loss = window_loss(keep, jnp.asarray(np.random.default_rng(2).standard_normal((T, B, H)), jnp.float32))
     layers = {"kernel": functools.partial(lstm_kernel.layer, dtype=jnp.bfloat16),
               "xla": functools.partial(xla_layer, dtype=jnp.bfloat16), "f32": lstm_kernel.layer}
     h = {k: np.asarray(jax.jit(f)(w, bias, carry0, xw, keep)[1]) for k, f in layers.items()}
@@ -190,13 +192,7 @@ def test_bfloat16_values_and_gradients_match_xla_bfloat16_scan(T, B, H):
     near, far = np.abs(h["kernel"] - h["xla"]).max(), np.abs(h["kernel"] - h["f32"]).max()
     assert near <= 1e-4 and far > 30 * near
     np.testing.assert_allclose(float(grads["kernel"][0]), float(grads["xla"][0]), rtol=1e-5, atol=1e-4)
-    for g, r in zip(jax.tree.leaves(grads["kernel"][1]), jax.tree.leaves(grads["xla"][1])):
-        assert g.shape == r.shape and g.dtype == jnp.float32
-        scale = float(jnp.max(jnp.abs(r)))
-        if scale == 0.0:  # the initial carry of a row reset on the first step
-            assert float(jnp.max(jnp.abs(g))) == 0.0
-            continue
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-3 * scale, rtol=0)
+    assert_gradients_close(grads["kernel"][1], grads["xla"][1], 2e-3)
 
 
 def test_one_device_alone_uses_every_core_and_devices_share_them(monkeypatch):
@@ -210,25 +206,16 @@ def test_one_device_alone_uses_every_core_and_devices_share_them(monkeypatch):
 
 
 @needs_kernel
-def test_float32_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses):
+@pytest.mark.parametrize("dtype,switch,target", [
+    ("float32", "enabled", "charrnn_lstm_forward"),
+    pytest.param("bfloat16", "bf16_enabled", "charrnn_lstm_forward_bf16", marks=needs_bf16_kernel)])
+def test_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses, dtype, switch, target):
     # low_token 1: batches that read START tokens, so the state is reset inside the window.
-    monkeypatch.setattr(lstm_kernel, "enabled", lambda: True)
-    text_k, with_kernel = train_losses("lstm", "float32", hidden=48, low_token=1)
-    monkeypatch.setattr(lstm_kernel, "enabled", lambda: False)
-    text_x, with_xla = train_losses("lstm", "float32", hidden=48, low_token=1)
-    assert "charrnn_lstm_forward" in text_k and "charrnn_lstm_backward" in text_k
-    assert "charrnn_lstm" not in text_x
-    np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-5)
-    assert with_kernel[-1] < with_kernel[0]
-
-
-@needs_bf16_kernel
-def test_bfloat16_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses):
-    monkeypatch.setattr(lstm_kernel, "bf16_enabled", lambda: True)
-    text_k, with_kernel = train_losses("lstm", "bfloat16", hidden=48, low_token=1)
-    monkeypatch.setattr(lstm_kernel, "bf16_enabled", lambda: False)
-    text_x, with_xla = train_losses("lstm", "bfloat16", hidden=48, low_token=1)
-    assert "charrnn_lstm_forward_bf16" in text_k and "charrnn_lstm_backward_bf16" in text_k
+    monkeypatch.setattr(lstm_kernel, switch, lambda: True)
+    text_k, with_kernel = train_losses("lstm", dtype, hidden=48, low_token=1)
+    monkeypatch.setattr(lstm_kernel, switch, lambda: False)
+    text_x, with_xla = train_losses("lstm", dtype, hidden=48, low_token=1)
+    assert target in text_k and target.replace("forward", "backward") in text_k
     assert "charrnn_lstm" not in text_x
     np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-5)
     assert with_kernel[-1] < with_kernel[0]

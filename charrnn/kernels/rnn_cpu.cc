@@ -748,41 +748,39 @@ ffi::Error Bf16BackwardImpl(BF16 wtp, F32 gates, F32 c_all, F32 c0, F32 keep, F3
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmPackTransposed, PackTransposedImpl, ffi::Ffi::Bind().Arg<F32>().Ret<F32>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()              // xw
-                                  .Arg<F32>().Arg<F32>()   // packed w_hh, bias
-                                  .Arg<F32>().Arg<F32>()   // c0, h0
-                                  .Arg<F32>()              // keep
-                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // h_all, c_all, gates
-                                  .Attr<int32_t>("threads"));
+namespace {
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()                                   // packed w_hh^T
-                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // gates, c_all, c0, keep
-                                  .Arg<F32>().Arg<F32>().Arg<F32>()             // dh_all, dc, dh
-                                  .Ret<F32>().Ret<F32>()                        // dz, d_bias
-                                  .Ret<F32>().Ret<F32>()                        // dc0, dh0
-                                  .Attr<int32_t>("threads"));
+// The bindings of the layer's calls, W being how w_hh arrives: float32 panels or bf16 packed.
+// (`.template`: in a template, the members of Bind()'s builder are named as templates.)
+template <typename W>
+auto LstmForwardBinding() {
+  return ffi::Ffi::Bind()
+      .template Arg<F32>()                                          // xw
+      .template Arg<W>().template Arg<F32>()                        // packed w_hh, bias
+      .template Arg<F32>().template Arg<F32>()                      // c0, h0
+      .template Arg<F32>()                                          // keep
+      .template Ret<F32>().template Ret<F32>().template Ret<F32>()  // h_all, c_all, gates
+      .template Attr<int32_t>("threads");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForwardBf16, Bf16ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()              // xw
-                                  .Arg<BF16>().Arg<F32>()  // w_hh packed for vdpbf16ps, bias
-                                  .Arg<F32>().Arg<F32>()   // c0, h0
-                                  .Arg<F32>()              // keep
-                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // h_all, c_all, gates
-                                  .Attr<int32_t>("threads"));
+template <typename W>
+auto LstmBackwardBinding() {
+  return ffi::Ffi::Bind()
+      .template Arg<W>()                                            // packed w_hh^T
+      .template Arg<F32>().template Arg<F32>()                      // gates, c_all
+      .template Arg<F32>().template Arg<F32>()                      // c0, keep
+      .template Arg<F32>().template Arg<F32>().template Arg<F32>()  // dh_all, dc, dh
+      .template Ret<F32>().template Ret<F32>()                      // dz, d_bias
+      .template Ret<F32>().template Ret<F32>()                      // dc0, dh0
+      .template Attr<int32_t>("threads");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackwardBf16, Bf16BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<BF16>()                                  // w_hh^T packed for vdpbf16ps
-                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // gates, c_all, c0, keep
-                                  .Arg<F32>().Arg<F32>().Arg<F32>()             // dh_all, dc, dh
-                                  .Ret<F32>().Ret<F32>()                        // dz, d_bias
-                                  .Ret<F32>().Ret<F32>()                        // dc0, dh0
-                                  .Attr<int32_t>("threads"));
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForward, ForwardImpl, LstmForwardBinding<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackward, BackwardImpl, LstmBackwardBinding<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmForwardBf16, Bf16ForwardImpl, LstmForwardBinding<BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnLstmBackwardBf16, Bf16BackwardImpl, LstmBackwardBinding<BF16>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CharrnnPackPanels, PackPanelsImpl,
                               ffi::Ffi::Bind().Arg<F32>().Ret<F32>().Attr<int64_t>("gates"));
