@@ -4,7 +4,7 @@ A train step's temporaries are a few blocks per device that outgrow what a threa
 arena can hold (64 MiB), so glibc maps each afresh with ``mmap`` on every step and unmaps it on
 ``free`` (``train._keep_freed_memory`` keeps every smaller block). In 4 KiB pages that is one
 page fault, and the kernel zeroing the page, per 4 KiB written: an LSTM 2x512 at batch 64 on two
-CPU devices took ~65k faults per step (bf16) and ~85k (float32). With
+CPU devices took ~65k faults per step (bf16) and ~58k (float32). With
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc asks for transparent huge pages
 (``madvise(MADV_HUGEPAGE)``) on what it maps, so the same blocks fault in 2 MiB at a time:
 ~1k faults per step; that step 12.7k -> 15.7k chars/s in bf16 and 7.5k -> 8.9k in float32,
