@@ -21,7 +21,6 @@ anything about ``glibc.malloc.hugetlb`` (``glibc.malloc.hugetlb=0`` turns this o
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from typing import Mapping, Optional
 
@@ -38,6 +37,17 @@ def thp_mode(path: str = THP_MODE_FILE) -> Optional[str]:
         return None
     start, end = text.find("["), text.find("]")
     return text[start + 1:end] if 0 <= start < end else None
+
+
+def running_libc() -> tuple:
+    """``(name, version)`` of the C library this process runs on, ``("glibc", "2.36")`` say, from
+    the library itself (``confstr``; ``platform.libc_ver()`` instead scans the Python binary's
+    file for version strings); ``("", "")`` where it does not say."""
+    try:
+        name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    except (ValueError, OSError, AttributeError):
+        return "", ""
+    return name, version
 
 
 def _glibc_has_tunable(libc: tuple) -> bool:
@@ -61,13 +71,13 @@ def rerun_env(environ: Mapping[str, str] = os.environ, mode: Optional[str] = Non
     """The environment to re-run a training process in so that glibc maps its large blocks in
     transparent huge pages, or None where that would change nothing (see the module's text).
 
-    ``mode`` and ``libc`` default to this machine's (``thp_mode()``, ``platform.libc_ver()``).
+    ``mode`` and ``libc`` default to this machine's (``thp_mode()``, ``running_libc()``).
     """
     if not sys.platform.startswith("linux") or asked(environ):
         return None
     if (mode if mode is not None else thp_mode()) != "madvise":
         return None
-    if not _glibc_has_tunable(libc if libc is not None else platform.libc_ver()):
+    if not _glibc_has_tunable(libc if libc is not None else running_libc()):
         return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = ":".join(t for t in (environ.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1") if t)

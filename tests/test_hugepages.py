@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,12 @@ def test_nothing_changes_where_the_tunable_would_not_help(environ, mode, libc):
     assert hugepages.rerun_env(environ, mode=mode, libc=libc) is None
 
 
+def test_the_running_c_library_names_itself():
+    name, version = hugepages.running_libc()
+    if name:  # glibc answers confstr; others say nothing, and nothing is re-run there
+        assert name == "glibc" and version.split(".")[0].isdigit()
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
@@ -57,7 +62,7 @@ def test_charrnn_train_runs_with_the_tunable_set(tmp_path):
     # A real `charrnn train` process: where the host allows it, the training code sees the
     # tunable in its own environment (the re-run happened: this test did not set it).
     if hugepages.rerun_env({}) is None:
-        pytest.skip(f"THP mode {hugepages.thp_mode()!r}, C library {platform.libc_ver()}: nothing to re-run for")
+        pytest.skip(f"THP mode {hugepages.thp_mode()!r}, C library {hugepages.running_libc()}: nothing to re-run for")
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("hello world, this is a tiny corpus for a test\n" * 40)
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

@@ -76,10 +76,9 @@ void DpMatmul(const uint16_t* a, const uint16_t* b, float* c, int64_t M, int64_t
 // row_scale[r] where given (a state reset: 0 or 1), zero-padded from K to Kp.
 __attribute__((target("avx512f,avx512bf16"))) inline void RowsToBf16(const float* a, int64_t lda, int64_t R,
                                                                     int64_t K, const float* row_scale,
-                                                                    int64_t scale_stride, uint16_t* out,
-                                                                    int64_t Kp) {
+                                                                    uint16_t* out, int64_t Kp) {
   for (int64_t r = 0; r < R; ++r) {
-    const __m512 s = _mm512_set1_ps(row_scale ? row_scale[r * scale_stride] : 1.0f);
+    const __m512 s = _mm512_set1_ps(row_scale ? row_scale[r] : 1.0f);
     const float* ar = a + r * lda;
     uint16_t* o = out + r * Kp;
     for (int64_t k = 0; k < Kp; k += 16) {

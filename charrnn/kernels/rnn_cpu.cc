@@ -197,7 +197,7 @@ inline void Store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m,
 
 // ---- the layer ---------------------------------------------------------------------------
 
-// The recurrent product of a step, z (R x Ldc(), gate block q at columns q * Block()) = a @ w,
+// The recurrent product of a step, z (R x Ldc(), gate block q at columns q * block) = a @ w,
 // where a is R rows of K values (row stride lda), each first scaled by row_scale[r] where
 // row_scale is given (keep: 0 where the state was reset). Two kinds, one layer code:
 //  - F32Product: w in PackPanels' 32-column panels, float32 FMAs (Matmul above);
@@ -212,7 +212,6 @@ struct F32Product {
   int64_t block;     // columns of one gate block in the output (N rounded up to 32)
 
   int64_t Ldc() const { return n_panels * kPanel; }
-  int64_t Block() const { return block; }
   void Multiply(const float* a, int64_t lda, int64_t R, int64_t K, const float* row_scale, Scratch& scaled,
                 float* z) const {
     if (row_scale) {
@@ -232,15 +231,13 @@ struct Bf16Product {
   int64_t block;           // columns of one gate block (N / gates: the packed columns are N's own)
 
   int64_t Ldc() const { return Np; }
-  int64_t Block() const { return block; }
   void Multiply(const float* a, int64_t lda, int64_t R, int64_t K, const float* row_scale, Scratch& a16,
                 float* z) const {
     a16.resize(R * Kp);
-    RowsToBf16(a, lda, R, K, row_scale, 1, a16.data(), Kp);
+    RowsToBf16(a, lda, R, K, row_scale, a16.data(), Kp);
     DpMatmul(a16.data(), packed, z, R, Kp, Np);
   }
 };
-
 
 // Rows [b0, b1) of the window (rows never interact: each part of a split call runs on its own
 // thread with no synchronisation until the end). Row b of step t is at (t * B + b).
@@ -248,7 +245,7 @@ template <typename Product>
 void Forward(const float* xw, const Product& w, const float* bias, const float* c0, const float* h0,
              const float* keep, float* h_all, float* c_all, float* gates, int64_t T, int64_t B, int64_t H,
              int64_t b0, int64_t b1) {
-  const int64_t BH = B * H, G = 4 * H, R = b1 - b0, ldz = w.Ldc(), block = w.Block();
+  const int64_t BH = B * H, G = 4 * H, R = b1 - b0, ldz = w.Ldc(), block = w.block;
   std::vector<float> z(R * ldz);
   typename Product::Scratch scratch;
   for (int64_t t = 0; t < T; ++t) {
