@@ -1,38 +1,27 @@
-"""A whole LSTM layer over a training window in one native call, forward and backward: float32,
-and ``--dtype bfloat16`` on CPUs whose bf16 products run on AVX512-BF16.
+"""A whole LSTM layer over a training window in one native call each way. Serves LSTM layers
+in float32 on CPUs with AVX-512, and in bfloat16 where the bf16 products run on AVX512-BF16.
 
-XLA's scan runs each time step of a layer as ~15 separately dispatched operations (four small
-dots, a dozen elementwise fusions, the writes of the stacked outputs); at the shapes char-rnn
-trains on a CPU (a few dozen rows per device) that dispatch and the small dots' per-call cost
-were about half of a step. ``kernels/rnn_cpu.cc`` runs the window's T steps in one XLA FFI
-custom call: per step one AVX-512 matmul of the previous ``h`` with all four gate blocks
-(packed once per call), then the gate arithmetic in registers; and the backward pass the same
-way in reverse. The weight gradient (one large matmul over all steps) stays with XLA. One
-device alone on several cores splits a window's rows over threads.
-
-``enabled()``: the default backend is the CPU, the CPU has AVX-512, the kernel built
-(``charrnn.native``) and ``CHARRNN_LSTM_KERNEL`` is not ``0``. Otherwise ``LSTMCell.layer`` runs
-XLA's scan (``Cell.scan``). Results agree with it to float32 rounding (the sums run in another order, and
-``exp``/``tanh`` are other polynomial approximations of similar accuracy): tests/test_lstm_kernel.py.
-
-``bf16_enabled()``: the same kernel with its per-step product on ``vdpbf16ps`` (``kernels/bf16_dot.h``,
-shared with ``charrnn.amx``), where ``amx.unit()`` is AVX512-BF16. XLA's bf16 scan ran each step
-of an LSTM 2x512 as four bf16-kernel products of 32 x 512 x 512 plus ~15 other operations;
-here one 32 x 512 x 2048 product and the gate arithmetic in registers: that config's bf16 train
-step 11.9k -> 13.5k chars/s (AMD EPYC, 2 devices), its first step's compile 6.5 -> 1.7 s.
+XLA's scan runs each time step as ~15 separately dispatched operations; at the few dozen rows a
+CPU device trains, that dispatch was about half a step. ``kernels/rnn_cpu.cc`` runs the window's
+T steps in one XLA FFI call: per step one AVX-512 matmul of ``h`` with all four gate blocks, the
+gates in registers; the backward likewise in reverse. The weight gradient (one matmul over all
+steps) stays with XLA. ``enabled()``: CPU backend, AVX-512, the build worked, and neither
+``CHARRNN_LSTM_KERNEL=0`` nor ``CHARRNN_KERNELS=0``. Equal to ``charrnn.cells`` to float32 rounding
+(tests/test_backends.py); speed: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charrnn import amx, native, parallel
+from charrnn import parallel
+from charrnn.backends import bf16_matmul as amx
+from charrnn.backends import native
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +33,7 @@ _PANEL = 32
 def library():
     """The built ``kernels/rnn_cpu.cc`` with its custom calls registered with XLA, or None where
     it cannot run here (not the CPU backend, no AVX-512, no compiler). Shared with
-    ``charrnn.step_kernel``; built on first use."""
+    ``charrnn.backends.step_kernel``; built on first use."""
     if jax.default_backend() != "cpu" or "avx512f" not in native.cpu_flags():
         return None
     lib = native.load("rnn_cpu", ["-O3", "-mavx512f", "-mfma"], _FALLBACK)
@@ -62,7 +51,7 @@ def library():
 
 @functools.cache
 def _load() -> bool:
-    if os.environ.get("CHARRNN_LSTM_KERNEL") == "0" or library() is None:
+    if not native.allowed("CHARRNN_LSTM_KERNEL") or library() is None:
         return False
     log.info("LSTM kernel: float32 LSTM layers run on charrnn's AVX-512 kernel")
     return True

@@ -1,16 +1,14 @@
-"""One float32 time step of a recurrent layer (and the output layer) in one native call: sampling.
+"""One float32 time step of every layer and the output layer in native calls: sampling. Serves
+every cell in float32 on CPUs with AVX-512.
 
-The sampler feeds each drawn character back, so it runs the model one step at a time for a few
-rows. Inside XLA's loop a step of a layer was one small dot per gate block of ``w_ih`` plus one
-for ``w_hh`` and a few elementwise fusions, each dispatched on its own; at one row XLA's dots
-ran at ~12 GFLOP/s (a GRU 2x256 step ~100-170 us). ``kernels/rnn_cpu.cc`` runs a layer's step
-as one call: ``x @ w_ih`` and ``h @ w_hh`` on weights packed once per sampling call (``pack``,
-outside the loop), the gates in AVX-512 registers; ``dense`` does the output layer.
-
-``enabled()``: the float32 LSTM kernel's library is available (``lstm_kernel.library``: CPU
-backend, AVX-512, a compiler) and ``CHARRNN_STEP_KERNEL`` is not ``0``; ``pays``: the steps
-are a few rows or split over threads. ``CharRNN.step_weights`` then returns ``StepWeights``
-and ``Cell.step_with`` calls ``cell_step``; otherwise both keep XLA's operations. Results agree with them to float32 rounding (tests/test_step_kernel.py).
+The sampler runs the model one step at a time; inside XLA's loop a layer's step was a few small
+dots and elementwise fusions, each dispatched on its own. ``kernels/rnn_cpu.cc`` runs a layer's
+step as one call on weights packed once per sampling call (``pack``), the gates in registers;
+``dense`` does the output layer. Every row's sums run in one fixed order whatever the batch, the
+row's slot or the thread split, so a row samples the same text alone or in a crowd (XLA's dots
+do not promise that: one row and two rows take different kernels). ``enabled()``: the LSTM
+kernel's library is available (CPU, AVX-512, a compiler) and neither ``CHARRNN_STEP_KERNEL=0``
+nor ``CHARRNN_KERNELS=0``. Equal to ``charrnn.cells`` to float32 rounding (tests/test_backends.py).
 """
 
 from __future__ import annotations
@@ -18,43 +16,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charrnn import lstm_kernel
+from charrnn.backends import lstm_window, native
+from charrnn.config import CELLS, GATES
 
 log = logging.getLogger(__name__)
 
-KINDS = {"rnn": 0, "lstm": 1, "gru": 2}
+KINDS = {kind: i for i, kind in enumerate(CELLS)}  # the kernel's Kind enum: kRnn, kLstm, kGru
 
 
 @functools.cache
 def enabled() -> bool:
     """Whether float32 sampling steps run on the native kernel in this process (decided once)."""
-    if os.environ.get("CHARRNN_STEP_KERNEL") == "0" or lstm_kernel.library() is None:
+    if not native.allowed("CHARRNN_STEP_KERNEL") or lstm_window.library() is None:
         return False
     log.info("step kernel: float32 sampling steps run on charrnn's AVX-512 kernel")
     return True
-
-
-# Rows up to which one thread's step beats XLA's. At batch 1 a step is a matrix-vector product:
-# XLA's small dots run it at ~12 GFLOP/s, the kernel at the speed the weights stream in. From
-# ~4 rows the product is compute-bound and XLA's dots block it as well as the kernel does (one
-# device, per model step, kernel / XLA: LSTM 2x128 4 rows 34-38 / 34-35 us, 8 rows 58-59 /
-# 55-61 us, GRU 2x256 16 rows 301-319 / 250-252 us, RNN 1x512 16 rows 122-128 / 151-251 us).
-MAX_ROWS_ONE_THREAD = 2
-
-
-def pays(rows: int, threads: int) -> bool:
-    """Whether steps of ``rows`` rows on ``threads`` threads should run on the kernel: it is
-    ``enabled`` and either the step is a matrix-vector product (at most
-    ``MAX_ROWS_ONE_THREAD`` rows) or it is split over threads (``parallel.sampling_threads``:
-    the weights do not fit one core's L2, and each core then keeps its part cached)."""
-    return enabled() and (threads > 1 or rows <= MAX_ROWS_ONE_THREAD)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["n", "threads"])
@@ -73,7 +55,7 @@ def pack(w, gates: int = 1, threads: int = 1) -> Panels:
     block's columns padded to a multiple of 32). A step reading it runs on ``threads`` threads
     (the caller's and helpers: see ``kernels/rnn_cpu.cc``'s ``Pool``); the result does not
     depend on it."""
-    return Panels(lstm_kernel.pack_panels(w, gates), w.shape[1] // gates, threads)
+    return Panels(lstm_window.pack_panels(w, gates), w.shape[1] // gates, threads)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_ih", "b_ih", "w_hh", "b_hh"],
@@ -114,3 +96,26 @@ def dense(x_BxK, w: Panels, bias):
     """``x_BxK @ w + bias`` with ``w`` from ``pack(w)``: the output layer's logits."""
     return jax.ffi.ffi_call("charrnn_dense", jax.ShapeDtypeStruct((x_BxK.shape[0], w.n), jnp.float32))(
         x_BxK.astype(jnp.float32), w.data, bias, threads=np.int32(w.threads))
+
+
+def prepare(kind: str, cells: list, w_out, b_out, threads: int = 1) -> tuple:
+    """Every layer's ``StepWeights`` and the output layer's panels, packed once per sampling call;
+    each step then splits its columns over ``threads`` threads."""
+    gates = GATES[kind]
+    out = []
+    for i, p in enumerate(cells):
+        w_ih = p["w_ih"] if i == 0 else pack(p["w_ih"], gates)
+        b_hh = p["b_hh"] if "b_hh" in p else jnp.zeros_like(p["b_ih"])
+        out.append(StepWeights(w_ih, p["b_ih"], pack(p["w_hh"], gates, threads), b_hh, kind))
+    return tuple(out), (pack(w_out, 1, threads), b_out)
+
+
+def step(weights, carry, token_B):
+    """One step of every layer from ``token_B`` and the output layer: ``(new_carry, logits_BxV)``."""
+    cells, (w_out, b_out) = weights
+    x, new_carry = token_B, []
+    for w, c in zip(cells, carry):
+        c = cell_step(w, tuple(c), x)
+        new_carry.append(c)
+        x = c[-1]
+    return tuple(new_carry), dense(x, w_out, b_out)

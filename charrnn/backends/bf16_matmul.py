@@ -1,22 +1,10 @@
-"""bfloat16 matmuls on the CPU's bf16 units, for ``--dtype bfloat16`` training: Intel AMX tiles
-where there are, else AVX512-BF16's ``vdpbf16ps`` (AMD Zen 4 and later, Intel Cooper Lake).
+"""bfloat16 matmuls on the CPU's bf16 units: Intel AMX tiles where there are, else AVX512-BF16's
+``vdpbf16ps`` (AMD Zen 4 and later). Serves ``--dtype bfloat16`` for every cell, on the CPU.
 
-XLA:CPU runs a bfloat16 dot of the shapes a recurrent step multiplies (a few dozen rows by a
-512 x 512 gate block) at ~100-180 GFLOP/s on this project's Sapphire Rapids VM; a plain
-tile kernel (``kernels/amx_matmul.cc``, one core) runs them at ~200-400. On an AMD EPYC with
-AVX512-BF16 and no AMX, the same kernel's ``vdpbf16ps`` path runs them at ~200 GFLOP/s on one
-core (XLA's bf16 dot: ~55-120 on two, for 32 rows), near that core's bf16 peak. The kernel is
-an XLA FFI custom call, compiled on first use with the system's C++ compiler
-(``charrnn.native``); both paths read B in one packed layout (``pack``).
-
-``enabled()`` says whether it is in use: the default backend is the CPU, the CPU has AMX-BF16
-(with the tile state granted by the operating system) or AVX512-BF16, the compiler ran, and
-``CHARRNN_AMX`` is not ``0``. Otherwise the model multiplies with XLA's own bf16 dot. Both sum
-exact bfloat16 products in float32, so results agree to rounding: forward to float32 rounding,
-and the gradients of products outside the recurrent loops to bfloat16 rounding, as ``dot``
-rounds the incoming cotangent to bfloat16 where XLA's rule keeps it in float32
-(tests/test_amx.py: the losses of bf16 training steps with and without the kernel agree to
-2e-4).
+An XLA FFI custom call (``kernels/amx_matmul.cc``, built on first use by ``native``); both paths
+read B in one packed layout (``pack``). ``enabled()``: CPU backend, a bf16 unit granted by the OS,
+the build worked, and neither ``CHARRNN_AMX=0`` nor ``CHARRNN_KERNELS=0``. Both it and XLA's bf16
+dot sum exact bfloat16 products in float32 (tests/test_backends.py; speed: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charrnn import native
+from charrnn.backends import native
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +30,7 @@ _FALLBACK = "bfloat16 matmuls use XLA's dot"
 @functools.cache
 def _load() -> str | None:
     """The bf16 unit the kernel runs on in this process ("amx" or "avx512_bf16"), or None."""
-    if os.environ.get("CHARRNN_AMX") == "0" or jax.default_backend() != "cpu":
+    if not native.allowed("CHARRNN_AMX") or jax.default_backend() != "cpu":
         return None
     units = _cpu_units()
     if not units:
@@ -161,3 +148,19 @@ def _dot_bwd(res, d_c):
 
 
 dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def matmul(x, w, dtype):
+    """``x @ w`` with operands in ``dtype`` and a float32 result: on the bf16 kernel in bfloat16
+    where it is enabled (``w`` may be ``pack``ed already), else XLA's dot.
+
+    On 2-D views: the gradient of a dot over a (T, B, K) ``x`` contracts two axes, for which
+    XLA:CPU first copied the whole cotangent into a transposed layout.
+    """
+    if isinstance(w, Packed):
+        return packed_dot(x, w)
+    if dtype == jnp.bfloat16 and enabled():
+        return dot(x.astype(dtype), w.astype(dtype))
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.reshape(*lead, w.shape[-1])
