@@ -247,8 +247,16 @@ def encode_corpus(corpus: Corpus, docs: str, vocab: Vocab, out: Optional[Path] =
     tmp = None
     f = None
     if out is not None:
-        tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-        f = open(tmp, "wb")
+        from charrnn import checkpoint as ckpt  # only training writes the file (and has JAX up)
+
+        # charrnn's temporary prefix, so the next start cleans them up and nothing else;
+        # created exclusively, never through a symbolic link.
+        tmp = out.with_name(f"{ckpt.TMP_PREFIX}{out.name}-{os.getpid()}")
+        final_tmp = out.with_name(f"{ckpt.TMP_PREFIX}2-{out.name}-{os.getpid()}")
+        try:
+            f = ckpt.open_new(tmp)
+        except OSError as e:
+            raise CharrnnError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         n = 0
         for text, start, end in iter_pieces(corpus, docs):
@@ -268,8 +276,7 @@ def encode_corpus(corpus: Corpus, docs: str, vocab: Vocab, out: Optional[Path] =
         f.close()
         f = None
         # Prepend an .npy header by writing it into a second file and appending the body, cheaply:
-        final_tmp = out.with_name(f".tmp2-{out.name}-{os.getpid()}")
-        with open(final_tmp, "wb") as g, open(tmp, "rb") as body:
+        with ckpt.open_new(final_tmp) as g, open(tmp, "rb") as body:
             np.lib.format.write_array_header_1_0(g, {"descr": dtype.str, "fortran_order": False, "shape": (n,)})
             while block := body.read(CHUNK_BYTES):
                 g.write(block)
@@ -283,6 +290,7 @@ def encode_corpus(corpus: Corpus, docs: str, vocab: Vocab, out: Optional[Path] =
             f.close()
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+            final_tmp.unlink(missing_ok=True)
 
 
 def encode_documents(documents: Sequence[str], vocab: Vocab) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,12 +52,16 @@ def make_eval_fn(graphdef, dtype_name: str = "float32"):
 
 
 def evaluate_stream(model_graphdef, params, initial_carry_fn, stream: np.ndarray, *, num_streams: int,
-                    seq_len: int, eval_fn=None, warmup: int = EVAL_WARMUP) -> dict[str, float]:
+                    seq_len: int, eval_fn=None, warmup: int = EVAL_WARMUP,
+                    should_stop: Optional[Callable[[], Optional[str]]] = None) -> Optional[dict[str, float]]:
     """Mean loss over every scored target of ``stream`` (nats and bits per character).
 
     The stream is read as ``num_streams`` contiguous rows with the state carried across windows,
     each row first reading (unscored) the ``warmup`` characters before it, so every character
     is predicted from its row's history and at least ``warmup`` characters before it.
+
+    ``should_stop`` is polled between chunks (one chunk runs ahead of the host, so a stop comes
+    within about one chunk's time); when it answers, the evaluation is abandoned: None.
     """
     eval_fn = eval_fn or make_eval_fn(model_graphdef)
     num_streams = max(1, min(num_streams, (len(stream) - 1) // max(seq_len, 1) or 1))
@@ -64,6 +69,11 @@ def evaluate_stream(model_graphdef, params, initial_carry_fn, stream: np.ndarray
     total, count = 0.0, 0.0
     sums = []
     for x, y, w in data_mod.eval_windows(stream, num_streams, seq_len, EVAL_CHUNK, warmup):
+        if should_stop is not None:
+            if sums:
+                jax.block_until_ready(sums[-1])  # at most one chunk queued behind the host
+            if should_stop() is not None:
+                return None
         carry, t, c = eval_fn(params, carry, x, y, w)
         sums.append((t, c))
     for t, c in jax.device_get(sums):
@@ -73,5 +83,3 @@ def evaluate_stream(model_graphdef, params, initial_carry_fn, stream: np.ndarray
         return {"nats": float("nan"), "bits": float("nan"), "chars": 0}
     nats = total / count
     return {"nats": nats, "bits": nats / math.log(2), "chars": int(count)}
-
-

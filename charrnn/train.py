@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
+import copy
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -19,14 +20,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from charrnn import checkpoint as ckpt
+from charrnn import prng
 from charrnn import data as data_mod
-from charrnn import hugepages, inference, parallel, runs
+from charrnn import inference, parallel, runs
 from charrnn import sample as sample_mod
-from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig
+from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig, check_argument
 from charrnn.errors import CharrnnError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn, weighted_nll
 from charrnn.model import CharRNN, build_model, split_model
-from charrnn.vocab import END, NUM_SPECIAL, START
+from charrnn.vocab import END, START, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,9 @@ def init_state(model: CharRNN, optimizer: optax.GradientTransformation, seed: in
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
-    """The run's named PRNG keys, all split once from ``seed``."""
-    init, dropout, sample = jax.random.split(jax.random.PRNGKey(seed), 3)
+    """The run's named PRNG keys, all split once from ``seed`` (``prng.key_from_seed``: every
+    seed in [0, 2**64) its own key; below 2**32 the key ``jax.random.PRNGKey`` gives)."""
+    init, dropout, sample = jax.random.split(jnp.asarray(prng.key_from_seed(seed)), 3)
     return {"init": init, "dropout": dropout, "sample": sample}
 
 
@@ -95,131 +98,15 @@ def _reset_where(carry, reset):
     return jax.tree_util.tree_map(lambda c: jnp.where(reset, jnp.zeros_like(c), c), carry)
 
 
-def _keep_freed_memory() -> None:
-    """Let glibc's malloc keep freed blocks between steps, but hand back what compiling left.
-
-    XLA:CPU allocates every step's temporaries (tens of MB: the scans' stacked per-step
-    values) afresh. By default glibc serves blocks of 128 KiB and up with ``mmap`` and gives
-    them back on ``free``, so each step touches ~50 MB of new pages: ~12k page faults, the
-    kernel zeroing every page, and the first write to each buffer running at a few GB/s. Kept
-    in the heap, the same memory is reused step after step (measured: 12.4k -> 0 faults per
-    LSTM 2x128 step).
-
-    Kept, though, the heap also holds on to the ~100-250 MB that compiling a train step frees
-    (LLVM's working memory), and XLA then maps the step's temporaries (one block, 390 MB for
-    LSTM 2x512 at batch 64) on top of it: that, not the model, made the peak RSS. So after
-    every XLA compilation the free heap goes back to the kernel (``malloc_trim``); the step
-    that follows refills the heap with what it reuses. LSTM 2x512, batch 64: peak RSS 890 ->
-    785 MB. A no-op where the C library is not glibc.
-
-    The mmap threshold cannot go above 32 MiB, and a step's temporaries are often one larger
-    block per device (GRU 2x384, 32 rows x 50 characters on each of two devices: two blocks of
-    ~54 MB), which glibc then still mapped and unmapped on every step: 27k page faults per
-    step, ~23% of the step's time in the kernel. ``M_MMAP_MAX = 0`` serves every block from
-    the heap (glibc still maps what a thread's own arena cannot hold, over 64 MiB), so those
-    blocks are reused too: that step 19.8k -> 27.4k chars/s, GRU 2x256 float32 25.8k -> 34.0k,
-    peak RSS of the benchmark's training runs unchanged. One arena for every thread
-    (``M_ARENA_MAX = 1``) would keep the larger blocks too (LSTM 2x512 7.3k -> 8.3k chars/s,
-    GRU 2x512 bf16 13.2k -> 17.5k), but the one heap fragments: LSTM 2x512's peak RSS 672 ->
-    848 MB, above PyTorch's ~705. Not taken.
-    """
-    if _keep_freed_memory.done:
-        return
-    _keep_freed_memory.done = True
-    if hugepages.asked():
-        log.info("malloc: GLIBC_TUNABLES=%s", os.environ["GLIBC_TUNABLES"])
-    elif hugepages.rerun_env() is not None:
-        log.info("malloc: start Python with GLIBC_TUNABLES=%s=1 for ~20%% faster steps (charrnn train "
-                 "does): see charrnn.hugepages", hugepages.TUNABLE)
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
-    mallopt(M_MMAP_MAX, 0)  # and larger blocks from the heap too
-    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
-    mallopt(M_TOP_PAD, 16 << 20)
-    _release_freed_memory.trim = trim
-    jax.monitoring.register_event_duration_secs_listener(_after_compile)
-
-
-_keep_freed_memory.done = False
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-def _after_compile(event: str, duration_secs: float, **kwargs) -> None:
-    if event == _BACKEND_COMPILE_EVENT:
-        _release_freed_memory()
-
-
-def _release_freed_memory() -> None:
-    """Return the heap's free pages to the kernel (glibc's ``malloc_trim``)."""
-    if _release_freed_memory.trim is not None:
-        _release_freed_memory.trim(0)
-
-
-_release_freed_memory.trim = None
-
-MEMORY_SAVING_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-DETERMINISTIC_GPU_OPS = "--xla_gpu_deterministic_ops=true"
-
-
-def use_memory_saving_schedule() -> bool:
-    """Have XLA:CPU order each program's operations to keep the fewest buffers alive.
-
-    Its default scheduler starts independent work as early as it can, for parallelism: in a
-    train step that includes allocating the zero-filled output stacks of every scan (one
-    ``(T, B, H)`` array per saved value, layer and direction) before the forward pass, so
-    they all live at once. The memory-minimising one
-    keeps LSTM 2x512 (batch 64) at 261 MB of temporaries instead of 392, peak RSS 785 -> 650 MB
-    on one device (699 on two; PyTorch's nn.LSTM: ~720), and the train steps ran as fast (the
-    concurrency it gives up overlapped little on two cores). ``charrnn train`` calls this before
-    JAX starts; ``train`` does too, where the backends are not up yet. It must run before JAX
-    initialises its backends (XLA reads its flags once; a per-compile ``compiler_options``
-    entry is not honoured by JAX 0.10.2's CPU client). Returns whether it took effect. Only
-    XLA:CPU reads the flag.
-    """
-    return _add_xla_flag(MEMORY_SAVING_SCHEDULE)
-
-
-def use_deterministic_gpu_ops() -> bool:
-    """Have XLA:GPU compute every operation the same way on every run.
-
-    Exact resume (a run stopped and resumed equals one that never stopped, bit for bit) needs
-    a train step that gives the same bits for the same inputs. On a GPU one operation does not:
-    the gradient of the input layer's row gather is a scatter-add, which XLA:GPU runs with
-    atomic additions in whatever order the threads arrive (seen on an H100: ~1e-10 differences
-    in ``w_ih``'s Adam moments after a resume). With the flag it sorts them instead; the train
-    step's other work is already deterministic. Like ``use_memory_saving_schedule`` it must run
-    before JAX initialises its backends, and returns whether it took effect; XLA:CPU ignores it.
-    """
-    return _add_xla_flag(DETERMINISTIC_GPU_OPS)
-
-
-def use_training_xla_flags() -> None:
-    """Both of the above: the XLA flags a training process asks for before JAX starts."""
-    use_memory_saving_schedule()
-    use_deterministic_gpu_ops()
-
-
-def _add_xla_flag(flag: str) -> bool:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if flag.split("=")[0] in flags or parallel.backends_started():
-        return False
-    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
-    return True
-
-
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
-                    *, unroll: int = 1, jit: bool = True):
+                    *, jit: bool = True):
     """Build ``train_step(state, carry, batch) -> (state, carry, metrics)``.
 
     ``batch`` is ``(x_BxT, y_BxT, reset)``; ``reset`` zeroes the carried state first (epoch
     start). The loss is the mean cross-entropy in nats over the targets that are characters or
     the end token (a start token always follows an end token, so it is not scored). A step whose
-    loss or gradient is not finite changes nothing but the bad-step counter, and resets the carry.
+    loss, gradient or new parameters are not finite changes nothing but the bad-step counter, and
+    resets the carry.
 
     With more than one device the step runs under ``shard_map`` on ``parallel.data_mesh()``
     (state replicated, batch rows and carry split, as ``parallel.DataParallel`` places them):
@@ -229,15 +116,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     with ``shard_map`` two CPU devices on two cores train ~1.9x as fast as one.) The loss is
     the same function of the whole batch as on one device, dropout masks included.
     """
-    _keep_freed_memory()
     dtype = compute_dtype(cfg.dtype)
     mesh = parallel.data_mesh()
     split = mesh.size > 1
 
     def loss_fn(params, carry, x_BxT, y_BxT, key, rows):
         model = nnx.merge(graphdef, params)
-        carry, logits_BxTxV = model(carry, x_BxT, dropout_key=key, dtype=dtype, unroll=unroll,
-                                    dropout_rows=rows)
+        carry, logits_BxTxV = model(carry, x_BxT, dropout_key=key, dtype=dtype, dropout_rows=rows)
         total, _ = weighted_nll(logits_BxTxV, y_BxT, (y_BxT != START).astype(jnp.float32))
         return total, carry
 
@@ -261,9 +146,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
         grads = jax.tree_util.tree_map(lambda g: g * (1.0 / count), grads)
         new_carry = jax.lax.stop_gradient(new_carry)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # The new parameters too: a huge learning rate makes them overflow from finite gradients.
+        # (With a finite gradient norm the optimizer's moments stay finite.)
+        params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_ok
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         state = TrainState(
             params=keep(params, state.params),
@@ -323,50 +211,36 @@ def _load_corpus(corpus, config: RunConfig):
     return corp, vocab, num_tokens
 
 
-def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None, *, resume: bool = False,
-          overwrite: bool = False, init_from: Optional[Path] = None, on_event: Optional[Callable[[dict], None]] = None,
-          should_stop: Optional[Callable[[], Optional[str]]] = None) -> TrainResult:
-    """Train a model on ``corpus`` and write the run directory.
+# --- 1. prepare the run: every check that can refuse it, before anything is written -------
 
-    Args:
-        corpus: a path, a corpus name (see ``charrnn.data.load_corpus``) or a loaded ``Corpus``.
-        config: the run's configuration; with ``resume`` and None, the run's saved one.
-        out: the run directory (default ``checkpoints/<corpus name>``).
-        resume: continue the run in ``out`` from its latest checkpoint, exactly as if it had
-            not stopped. Model, data and batch layout settings must match the run's.
-        overwrite: start afresh in ``out`` even if it holds a run (its files are deleted).
-        init_from: a run directory to fine-tune from: its weights are copied, characters it
-            knows keep their ids, new ones are appended with fresh rows; the optimizer starts
-            fresh. Its architecture (cell, layers, hidden) is used.
-        on_event: called with progress events (dicts with an ``"event"`` key: ``start``,
-            ``step``, ``log``, ``eval``, ``save``, ``end``); the CLI draws its progress bar from
-            them. The library never prints.
-        should_stop: polled once per step; a non-None return (a reason such as ``"SIGINT"``)
-            ends training after the current step with a checkpoint.
+@dataclass(frozen=True)
+class RunPlan:
+    """A run checked and ready to start; nothing has been written for it yet."""
 
-    Returns:
-        A ``TrainResult``.
+    run_dir: Path
+    config: RunConfig
+    vocab: Vocab
+    corpus: data_mod.Corpus
+    resume: bool
+    overwrite: bool
+    source: Optional[inference.Run]  # the run fine-tuned from (``init_from``)
+    end_step: Optional[int]
 
-    Called before anything has started JAX's backends, it also selects XLA:CPU's
-    memory-saving schedule and XLA:GPU's deterministic operations for the process
-    (``use_memory_saving_schedule``, ``use_deterministic_gpu_ops``).
 
-    Raises:
-        CharrnnError: for unusable input or settings, with a message for the user.
-    """
-    use_training_xla_flags()
-    emit = on_event or (lambda e: None)
-    should_stop = should_stop or (lambda: None)
+def plan_run(corpus, config: Optional[RunConfig], out: Optional[Path], *, resume: bool = False,
+             overwrite: bool = False, init_from: Optional[Path] = None) -> RunPlan:
+    """Check the run directory, the settings against a resumed run's, the corpus and the
+    length, and return the plan; ``CharrnnError`` for anything that refuses the run."""
     if config is None and not resume:
         config = RunConfig()
     corpus_label = corpus.name if isinstance(corpus, data_mod.Corpus) else str(corpus)
-
-    # --- run directory and configuration -------------------------------------------------
-    source = None  # the run fine-tuned from, if any
+    source = None
     if resume:
         if out is None:
             raise CharrnnError("--resume needs --out RUN_DIR naming the run to continue")
         run_dir = Path(out)
+        runs.check_out_dir(run_dir, resume=True, overwrite=overwrite)
+        _recover_replaced(run_dir)  # so the run read below is the one that survives
         saved, vocab = runs.read_run_files(run_dir)
         config = config or saved
         diffs = runs.config_differences(saved, config)
@@ -379,272 +253,379 @@ def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None
     else:
         corp, vocab, num_tokens = _load_corpus(corpus, config)
         run_dir = Path(out) if out is not None else Path("checkpoints") / corp.name
-        if run_dir.exists() and (ckpt.list_checkpoints(run_dir) or (run_dir / runs.CONFIG_FILE).exists()):
-            if not overwrite:
-                raise CharrnnError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                                   f"--overwrite to replace it, or choose another --out")
+        _recover_replaced(run_dir)
+        runs.check_out_dir(run_dir, resume=False, overwrite=overwrite)
         if init_from is not None:
             source = inference.load(Path(init_from), "best")
             config = replace(config, model=replace(source.config.model, dropout=config.model.dropout))
             vocab = source.vocab.extended(vocab.chars)
     config = replace(config, corpus=config.corpus or corpus_label)
     cfg = config.train
-
-    # Everything that can refuse the run is checked before anything is written.
     n_val = int(num_tokens * config.data.val_frac)
     _, steps_per_epoch = data_mod.StreamBatches.layout(num_tokens - n_val, cfg.batch_size, cfg.seq_len)
     end_step = total_steps(cfg, steps_per_epoch)
-    schedule = lr_schedule(cfg, end_step)
-    optimizer = make_optimizer(cfg, schedule)
-    dp = parallel.DataParallel(cfg.batch_size)
-    main = dp.is_main
+    lr_schedule(cfg, end_step)  # refuses a decay that needs a known length
+    return RunPlan(run_dir, config, vocab, corp, resume, overwrite, source, end_step)
+
+
+def _recover_replaced(run_dir: Path) -> None:
+    """Undo an ``--overwrite`` killed before its first checkpoint (under the lock), if one was."""
+    if (run_dir / runs.REPLACED_DIR).is_dir() and not (run_dir / runs.REPLACED_DIR).is_symlink():
+        with runs.RunLock(run_dir):
+            runs.recover(run_dir)
+
+
+@contextlib.contextmanager
+def claim_run_dir(plan: RunPlan, main: bool = True):
+    """Hold ``plan.run_dir`` while training: its lock, leftovers of killed runs recovered, and for
+    ``--overwrite`` the old run moved aside, put back unless the new run commits a checkpoint.
+
+    Only the main process writes the run's shared files; the others just need the directory.
+    """
+    run_dir = plan.run_dir
+    runs.make_run_dir(run_dir)
     if not main:
-        emit = lambda e: None  # noqa: E731 (only the first process reports)
+        yield
+        return
+    with runs.RunLock(run_dir):
+        runs.check_out_dir(run_dir, resume=plan.resume, overwrite=plan.overwrite)  # again, now we hold it
+        if runs.recover(run_dir) and plan.resume:
+            raise CharrnnError(f"{run_dir}: an --overwrite killed before its first checkpoint had set this "
+                               f"run aside; it is restored now: run the command again")
+        replaced = False
+        try:
+            if plan.overwrite and not plan.resume:
+                replaced = runs.move_run_aside(run_dir)
+            elif not plan.resume:
+                runs.remove_run(run_dir)  # a start cut short before it wrote anything worth keeping
+            runs.write_marker(run_dir)
+            yield
+        finally:
+            if replaced and (run_dir / runs.REPLACED_DIR).is_dir():  # the new run never committed
+                runs.restore_replaced(run_dir)
 
-    if overwrite and not resume:
-        runs.remove_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokens_file = runs.TOKENS_FILE if main else f"tokens-p{jax.process_index()}.npy"
-    encoded = data_mod.encode_corpus(corp, config.data.docs, vocab, run_dir / tokens_file)
-    train_stream, val_stream = data_mod.split_train_val(encoded.stream, config.data.val_frac)
-    batches = data_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
-    keys = run_keys(cfg.seed)
-    model = build_model(config.model, vocab.size, keys["init"])
-    if source is not None:
-        nnx.update(model, nnx.State(transplant(source.params, split_model(model)[1], source.vocab.size)))
-    graphdef, state = init_state(model, optimizer, cfg.seed)
-    carry = model.initial_carry(cfg.batch_size)
-    fingerprint = encoded.sha256
 
-    progress = {"best_val": None, "best_step": None, "evals_since_best": 0, "last_val": None,
-                "bad_in_a_row": 0, "bad_total": 0}
-    log_losses: list[float] = []  # losses since the last train record (saved, so resume logs the same)
-    if resume:
-        ckpt.clean_temporaries(run_dir)
-        if ckpt.read_pointer(run_dir, "latest") is None:
-            # Killed before its first checkpoint: nothing to continue, so start from step 0.
-            log.warning("%s has no checkpoint yet; starting from step 0", run_dir)
-            if main:
-                runs.truncate_metrics(run_dir, 0)
-        else:
-            state, carry, meta = load_train_state(run_dir, state, carry)
-            for k in progress:
-                progress[k] = meta.get(k, progress[k])
-            log_losses.extend(float(v) for v in meta.get("log_losses", []))
-            if meta.get("corpus_sha256") != fingerprint:
-                log.warning("the corpus differs from the one this run was trained on; continuing anyway")
-            if main:
-                runs.truncate_metrics(run_dir, int(meta["step"]))
-    else:
-        ckpt.clean_temporaries(run_dir)
-    if main:
-        runs.write_run_files(run_dir, config, vocab)
-    state = dp.replicate(state)
-    carry = dp.shard_rows(dp.local_part(carry))
+# --- 2-5. the state, the step loop, evaluation and checkpoints, stopping -------------------
 
-    step_fn = make_train_step(graphdef, optimizer, cfg)
-    sample_fns = None
-    if cfg.sample_every:
+NATURAL_ENDS = ("steps", "epochs", "minutes", "patience")
+
+
+@dataclass
+class Progress:
+    """What the loop has done beyond the tensors: saved in every checkpoint's meta, so a resumed
+    run continues exactly (``log_losses``: the losses since the last train record)."""
+
+    best_val: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0
+    last_val: Optional[dict] = None
+    bad_in_a_row: int = 0
+    bad_total: int = 0
+    log_losses: list = field(default_factory=list)
+
+    def to_meta(self) -> dict:
+        return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
+
+
+class Trainer:
+    """One training run in named parts: ``build`` (make or restore the state), ``run`` (the
+    step loop), ``evaluate``/``save``/``show_sample`` at its boundaries, ``finish`` (the last
+    evaluation and checkpoint, and the result)."""
+
+    def __init__(self, plan: RunPlan, dp: parallel.DataParallel, emit: Callable[[dict], None],
+                 should_stop: Callable[[], Optional[str]]):
+        self.plan, self.dp, self.emit, self.should_stop = plan, dp, emit, should_stop
+        self.run_dir, self.cfg, self.main = plan.run_dir, plan.config.train, dp.is_main
+        self.progress = Progress()
+        self.abort: Optional[str] = None  # why an evaluation was abandoned (a signal)
+        self.last_loss: Optional[float] = None
+        self.pending = None  # the last step's metrics, read one step late so the host never waits
+
+    # -- build or restore the state --
+
+    def build(self) -> None:
+        plan, cfg, dp = self.plan, self.cfg, self.dp
+        tokens_file = runs.TOKENS_FILE if self.main else f"tokens-p{jax.process_index()}.npy"
+        encoded = data_mod.encode_corpus(plan.corpus, plan.config.data.docs, plan.vocab, self.run_dir / tokens_file)
+        self.fingerprint = encoded.sha256
+        train_stream, self.val_stream = data_mod.split_train_val(encoded.stream, plan.config.data.val_frac)
+        self.batches = data_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
+        self.schedule = lr_schedule(cfg, plan.end_step)
+        optimizer = make_optimizer(cfg, self.schedule)
+        self.keys = run_keys(cfg.seed)
+        self.model = build_model(plan.config.model, plan.vocab.size, self.keys["init"])
+        if plan.source is not None:
+            fresh = split_model(self.model)[1]
+            nnx.update(self.model, nnx.State(ckpt.transplant(plan.source.params, fresh, plan.source.vocab.size)))
+        self.graphdef, state = init_state(self.model, optimizer, cfg.seed)
+        carry = self.model.initial_carry(cfg.batch_size)
+        if plan.resume:
+            state, carry = self._restore(state, carry)
+        if self.main:
+            runs.write_run_files(self.run_dir, plan.config, plan.vocab)
+        self.state = dp.replicate(state)
+        self.carry = dp.shard_rows(dp.local_part(carry))
+        self.step = int(state.step)
+        self.step_fn = make_train_step(self.graphdef, optimizer, cfg)
         # Parameters ride in the sampler's carry so one compiled sampler serves every step.
-        sample_fns = sample_mod.make_sampler(sample_mod.model_step_fn(graphdef))
-    eval_fn = make_eval_fn(graphdef, cfg.dtype)
-    step = int(state.step)
-    have_val = len(val_stream) >= 2
-    emit({"event": "start", "run_dir": str(run_dir), "step": step, "total_steps": end_step,
-          "steps_per_epoch": batches.steps_per_epoch, "chars_per_step": batches.chars_per_step,
-          "train_chars": len(train_stream), "val_chars": len(val_stream), "vocab_size": vocab.size,
-          "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-          "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))})
+        self.sample_fns = (sample_mod.make_sampler(sample_mod.model_step_fn(self.graphdef))
+                           if cfg.sample_every else None)
+        self.eval_fn = make_eval_fn(self.graphdef, cfg.dtype)
+        self.have_val = len(self.val_stream) >= 2
+        # A resumed run's starting point is already evaluated and saved: never rewrite it.
+        self.evaluated_at = self.saved_at = self.step if plan.resume else None
+        self.emit({"event": "start", "run_dir": str(self.run_dir), "step": self.step, "total_steps": plan.end_step,
+                   "steps_per_epoch": self.batches.steps_per_epoch, "chars_per_step": self.batches.chars_per_step,
+                   "train_chars": len(train_stream), "val_chars": len(self.val_stream),
+                   "vocab_size": plan.vocab.size, "devices": jax.device_count(),
+                   "platform": jax.devices()[0].platform,
+                   "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))})
 
-    def evaluate() -> dict:
-        val = evaluate_stream(graphdef, dp.local_copy(state.params), model.initial_carry, val_stream,
-                              num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=eval_fn)
-        improved = progress["best_val"] is None or val["nats"] < progress["best_val"]
-        if improved:
-            progress.update(best_val=val["nats"], best_step=step, evals_since_best=0)
-        else:
-            progress["evals_since_best"] += 1
-        progress["last_val"] = val
-        record = {"event": "eval", "step": step, "chars": step * batches.chars_per_step,
-                  "val_loss": val["nats"], "val_bits": val["bits"], "best": improved,
-                  "elapsed_s": round(time.monotonic() - t_start, 3)}
-        if main:
-            runs.append_metrics(run_dir, record)
-        emit(record)
-        return record
+    def _restore(self, state: TrainState, carry):
+        if ckpt.read_pointer(self.run_dir, "latest") is None:
+            # Killed before its first checkpoint: nothing to continue, so start from step 0.
+            log.warning("%s has no checkpoint yet; starting from step 0", self.run_dir)
+            if self.main:
+                runs.truncate_metrics(self.run_dir, 0)
+            return state, carry
+        state, carry, meta = ckpt.load_train_state(self.run_dir, state, carry)
+        self.progress = Progress.from_meta(meta)
+        if meta.get("corpus_sha256") != self.fingerprint:
+            log.warning("the corpus differs from the one this run was trained on; continuing anyway")
+        if self.main:
+            runs.truncate_metrics(self.run_dir, meta["step"])
+        return state, carry
 
-    def show_sample() -> None:
-        controls = sample_mod.make_controls(vocab.size, 1.0)
-        prompt = sample_mod.prompt_tokens(np.zeros(0, np.int32), 1)
-        toks = np.concatenate(list(sample_mod.generate_stream(
-            *sample_fns, (dp.local_copy(state.params), model.initial_carry(1)), prompt, keys["sample"], controls,
-            cfg.sample_length)), axis=1)[0]
-        end = np.flatnonzero(toks == END)
-        text = vocab.decode(toks[:end[0]] if end.size else toks)
-        record = {"event": "sample", "step": step, "text": text}
-        if main:
-            runs.append_metrics(run_dir, record)
-        emit(record)
+    # -- the step loop --
 
-    def save(best: bool) -> None:
-        epoch, window = batches.position(step)
-        meta = {"step": step, "epoch": epoch, "window": window, "chars_seen": step * batches.chars_per_step,
-                "corpus_sha256": fingerprint, "log_losses": list(log_losses), **progress}
-        tensors = dp.to_host(train_state_tensors(state, carry))  # every process joins the gather
-        if not main:
-            return
-        path = ckpt.write_checkpoint(run_dir, step, tensors, meta)
-        ckpt.set_pointer(run_dir, "latest", path.name)
-        ckpt.fault_point("save-pointer-moved")
-        if best:
-            ckpt.set_pointer(run_dir, "best", path.name)
-        ckpt.prune(run_dir, cfg.keep)
-        emit({"event": "save", "step": step, "path": str(path), "best": best})
+    def run(self) -> str:
+        """Train until a limit, ``patience`` or a stop request; returns the reason."""
+        cfg = self.cfg
+        self.t_start = self.t_log = time.monotonic()
+        self.step_log = self.step
+        if self.plan.source is not None and self.have_val:
+            self.evaluate()  # where fine-tuning starts from, on the new corpus
+        deadline = self.t_start + cfg.minutes * 60 if cfg.minutes else None
+        while True:
+            reason = self._stop_reason(deadline)
+            if reason:
+                return reason
+            self._train_step()
+            if (self.step % cfg.eval_every == 0 or self.step % cfg.checkpoint_every == 0
+                    or (self.sample_fns is not None and self.step % cfg.sample_every == 0)):
+                self._flush()
+                reason = self._at_boundary()
+                if reason:
+                    return reason
 
-    t_start = time.monotonic()
-    if source is not None and have_val:
-        evaluate()  # where fine-tuning starts from, on the new corpus
-    deadline = t_start + cfg.minutes * 60 if cfg.minutes else None
-    pending = None  # the previous step's metrics, read one step late so the host never waits
-    t_log, step_log = time.monotonic(), step
-    reason = None
-    last_loss = None
-    # A resumed run's starting point is already evaluated and saved: never rewrite it.
-    evaluated_at = saved_at = step if resume else None
+    def _stop_reason(self, deadline: Optional[float]) -> Optional[str]:
+        end, cfg = self.plan.end_step, self.cfg
+        if end is not None and self.step >= end:
+            return "steps" if cfg.max_steps is not None and self.step >= cfg.max_steps else "epochs"
+        reason = self.abort or ("minutes" if deadline is not None and time.monotonic() >= deadline
+                                else self.should_stop())
+        # Every process must agree to stop at the same step (a signal may reach only one).
+        if self.dp.any(bool(reason)):
+            return reason or "stopped by another process"
+        return None
 
-    def absorb(s: int, metrics) -> None:
-        nonlocal last_loss, t_log, step_log
-        m = jax.device_get(metrics)
+    def _train_step(self) -> None:
+        x_BxT, y_BxT = self.dp.shard_rows(self.batches.batch(self.step, self.dp.local_rows))
+        reset = np.bool_(self.batches.starts_epoch(self.step))
+        self.state, self.carry, metrics = self.step_fn(self.state, self.carry, (x_BxT, y_BxT, reset))
+        self.step += 1
+        self._flush()
+        self.pending = (self.step, metrics)
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            self._absorb(*self.pending)
+            self.pending = None
+
+    def _absorb(self, s: int, metrics) -> None:
+        """Count, log and report one finished step (its metrics read back from the device)."""
+        m, p, cfg = jax.device_get(metrics), self.progress, self.cfg
         if not m["ok"]:
-            progress["bad_in_a_row"] += 1
-            progress["bad_total"] += 1
-            emit({"event": "bad_step", "step": s, "in_a_row": progress["bad_in_a_row"]})
-            if progress["bad_in_a_row"] >= cfg.max_bad_steps:
+            p.bad_in_a_row += 1
+            p.bad_total += 1
+            self.emit({"event": "bad_step", "step": s, "in_a_row": p.bad_in_a_row})
+            if p.bad_in_a_row >= cfg.max_bad_steps:
                 raise CharrnnError(
-                    f"training stopped at step {s}: {progress['bad_in_a_row']} steps in a row had a non-finite "
-                    f"loss or gradient; the last good checkpoint in {run_dir} is kept "
-                    f"(try a lower --lr or --grad-clip)")
+                    f"training stopped at step {s}: {p.bad_in_a_row} steps in a row had a non-finite "
+                    f"loss, gradient or parameters; {self._kept()} (try a lower --lr or --grad-clip)")
             return
-        progress["bad_in_a_row"] = 0
-        last_loss = float(m["loss"])
-        log_losses.append(last_loss)
-        emit({"event": "step", "step": s, "loss": last_loss})
+        p.bad_in_a_row = 0
+        self.last_loss = float(m["loss"])
+        p.log_losses.append(self.last_loss)
+        self.emit({"event": "step", "step": s, "loss": self.last_loss})
         if s % cfg.log_every == 0:
             now = time.monotonic()
-            loss = float(np.mean(log_losses))
-            record = {"event": "train", "step": s, "chars": s * batches.chars_per_step, "loss": loss,
-                      "bits": loss / math.log(2), "lr": float(schedule(s)),
-                      "chars_per_s": round((s - step_log) * batches.chars_per_step / max(now - t_log, 1e-9), 1),
-                      "elapsed_s": round(now - t_start, 3)}
-            if main:
-                runs.append_metrics(run_dir, record)
-            emit(record)
-            log_losses.clear()
-            t_log, step_log = now, s
+            loss = float(np.mean(p.log_losses))
+            chars = self.batches.chars_per_step
+            record = {"event": "train", "step": s, "chars": s * chars, "loss": loss,
+                      "bits": loss / math.log(2), "lr": float(self.schedule(s)),
+                      "chars_per_s": round((s - self.step_log) * chars / max(now - self.t_log, 1e-9), 1),
+                      "elapsed_s": round(now - self.t_start, 3)}
+            self._record(record)
+            p.log_losses.clear()
+            self.t_log, self.step_log = now, s
 
-    while True:
-        if end_step is not None and step >= end_step:
-            reason = "steps" if cfg.max_steps is not None and step >= cfg.max_steps else "epochs"
-            break
-        # Every process must agree to stop at the same step (a signal may reach only one).
-        reason = "minutes" if deadline is not None and time.monotonic() >= deadline else should_stop()
-        if dp.any(bool(reason)):
-            reason = reason or "stopped by another process"
-            break
-        x_BxT, y_BxT = dp.shard_rows(batches.batch(step, dp.local_rows))
-        reset = np.bool_(batches.starts_epoch(step))
-        state, carry, metrics = step_fn(state, carry, (x_BxT, y_BxT, reset))
-        step += 1
-        if pending is not None:
-            absorb(*pending)
-        pending = (step, metrics)
-        if (step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0
-                or (sample_fns is not None and step % cfg.sample_every == 0)):
-            absorb(*pending)
-            pending = None
-            best = False
-            if have_val and step % cfg.eval_every == 0:
-                best = evaluate()["best"]
-                evaluated_at = step
-            # No checkpoint in the middle of a run of non-finite steps: the last good one stays latest.
-            if (step % cfg.checkpoint_every == 0 or best) and progress["bad_in_a_row"] == 0:
-                save(best)
-                saved_at = step
-            if sample_fns is not None and step % cfg.sample_every == 0:
-                show_sample()
-            if cfg.patience and progress["evals_since_best"] >= cfg.patience:
-                reason = "patience"
-                break
-    if pending is not None:
-        absorb(*pending)
-    interrupted = reason not in ("steps", "epochs", "minutes", "patience")
-    best = False
-    if have_val and evaluated_at != step and not interrupted:
-        best = evaluate()["best"]
-    if saved_at != step or best:
-        save(best or not have_val)
-    result = TrainResult(run_dir=run_dir, step=step, stop_reason=reason, last_val=progress["last_val"],
-                         best_val=progress["best_val"], train_loss=last_loss)
-    emit({"event": "end", "step": step, "reason": reason, "best_val": progress["best_val"]})
-    return result
+    def _kept(self) -> str:
+        latest = ckpt.read_pointer(self.run_dir, "latest") if self.main else None
+        return (f"nothing of them was saved; the last good checkpoint, {self.run_dir / latest}, is kept" if latest
+                else f"nothing of them was saved (no checkpoint in {self.run_dir})")
 
+    def _record(self, record: dict) -> None:
+        if self.main:
+            runs.append_metrics(self.run_dir, record)
+        self.emit(record)
 
-def save_train_state(run_dir: Path, state: TrainState, carry, meta: dict) -> Path:
-    """Commit ``state`` and ``carry`` as checkpoint ``ckpt-<step>`` in ``run_dir`` (one process)."""
-    return ckpt.write_checkpoint(run_dir, int(meta["step"]), jax.device_get(train_state_tensors(state, carry)), meta)
+    # -- evaluation and checkpoints --
 
+    def _at_boundary(self) -> Optional[str]:
+        step, cfg = self.step, self.cfg
+        best = False
+        if self.have_val and step % cfg.eval_every == 0:
+            record = self.evaluate()
+            if record is None:
+                return None  # abandoned for a stop request: the loop stops next, then saves
+            best = record["best"]
+            self.evaluated_at = step
+        # No checkpoint in the middle of a run of non-finite steps: the last good one stays latest.
+        if (step % cfg.checkpoint_every == 0 or best) and self.progress.bad_in_a_row == 0:
+            self.save(best)
+        if self.sample_fns is not None and step % cfg.sample_every == 0:
+            self.show_sample()
+        if cfg.patience and self.progress.evals_since_best >= cfg.patience:
+            return "patience"
+        return None
 
-def _checkpoint_parts(state: TrainState, carry) -> dict[str, Any]:
-    """What a checkpoint holds, by tensor-name prefix (one list for saving and loading)."""
-    return {"params": state.params, "opt": state.opt_state, "carry": carry, "step": state.step, "rng": state.rng}
-
-
-def train_state_tensors(state: TrainState, carry) -> dict[str, Any]:
-    """The named arrays a checkpoint holds (still on device)."""
-    named = {}
-    for prefix, tree in _checkpoint_parts(state, carry).items():
-        named.update(runs.flatten(tree, prefix))
-    return named
-
-
-def load_train_state(run_dir: Path, template: TrainState, carry_template, which: str = "latest"):
-    """Restore ``(state, carry, meta)`` from a run's checkpoint, validated against the templates."""
-    parts = _checkpoint_parts(template, carry_template)
-    path = ckpt.resolve(run_dir, which)
-    tensors, meta = ckpt.read_checkpoint(path, runs.expected_shapes(parts))
-    restored = {k: runs.unflatten(v, k, tensors) for k, v in parts.items()}
-    if not isinstance(meta.get("step"), int) or meta["step"] != int(restored["step"]):
-        raise ckpt.CheckpointError(f"{path / ckpt.META_FILE}: field 'step' does not match the saved state")
-    as_jax = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
-    state = TrainState(params=as_jax(restored["params"]), opt_state=as_jax(restored["opt"]),
-                       step=jnp.asarray(restored["step"]), rng=jnp.asarray(restored["rng"]))
-    return state, as_jax(restored["carry"]), meta
-
-
-def transplant(source_params, target_params, source_vocab_size: int):
-    """``target_params`` with every weight copied from ``source_params``.
-
-    Tensors whose vocabulary axis grew (the first layer's input rows, the output columns) get
-    the source's rows for the old ids and keep their fresh initialisation for the new ones,
-    except the output bias of a new character: it starts at the source's lowest output bias,
-    as likely as the rarest known character, so the model's loss on old text is where the
-    source run ended instead of paying for characters it has never seen.
-    """
-    src = runs.flatten(source_params, "p")
-    out = {}
-    for name, t in runs.flatten(target_params, "p").items():
-        s = np.asarray(src[name])
-        t = np.array(t)
-        if s.shape == t.shape:
-            t = s
-        elif s.ndim == t.ndim and s.shape[0] == source_vocab_size and s.shape[1:] == t.shape[1:]:
-            t[:source_vocab_size] = s
-        elif s.ndim == t.ndim and s.shape[-1] == source_vocab_size and s.shape[:-1] == t.shape[:-1]:
-            t[..., :source_vocab_size] = s
+    def evaluate(self) -> Optional[dict]:
+        """The validation loss now, recorded; None (and no record) when a stop request came first."""
+        p = self.progress
+        val = evaluate_stream(self.graphdef, self.dp.local_copy(self.state.params), self.model.initial_carry,
+                              self.val_stream, num_streams=self.cfg.batch_size, seq_len=self.cfg.seq_len,
+                              eval_fn=self.eval_fn, should_stop=self.should_stop)
+        if self.dp.any(val is None):
+            self.abort = self.should_stop() or "stopped by another process"
+            return None
+        if val["chars"] and not math.isfinite(val["nats"]):
+            raise CharrnnError(f"training stopped at step {self.step}: the validation loss is not finite "
+                               f"(the parameters overflow); {self._kept()} (try a lower --lr or --grad-clip)")
+        improved = math.isfinite(val["nats"]) and (p.best_val is None or val["nats"] < p.best_val)
+        if improved:
+            p.best_val, p.best_step, p.evals_since_best = val["nats"], self.step, 0
         else:
-            raise CharrnnError(f"cannot fine-tune: parameter {name[2:]} has shape {list(s.shape)} in the source "
-                               f"run and {list(t.shape)} here")
-        if name == "p/b_out" and t.shape[0] > source_vocab_size:
-            t[source_vocab_size:] = s[NUM_SPECIAL:].min()
-        out[name] = jnp.asarray(t)
-    return runs.unflatten(target_params, "p", out)
+            p.evals_since_best += 1
+        if math.isfinite(val["nats"]):
+            p.last_val = val
+        record = {"event": "eval", "step": self.step, "chars": self.step * self.batches.chars_per_step,
+                  "val_loss": val["nats"], "val_bits": val["bits"], "best": improved,
+                  "elapsed_s": round(time.monotonic() - self.t_start, 3)}
+        self._record(record)
+        return record
+
+    def show_sample(self) -> None:
+        controls = sample_mod.make_controls(self.plan.vocab.size, 1.0)
+        prompt = sample_mod.prompt_tokens(np.zeros(0, np.int32), 1)
+        toks = np.concatenate(list(sample_mod.generate_stream(
+            *self.sample_fns, (self.dp.local_copy(self.state.params), self.model.initial_carry(1)), prompt,
+            self.keys["sample"], controls, self.cfg.sample_length)), axis=1)[0]
+        end = np.flatnonzero(toks == END)
+        text = self.plan.vocab.decode(toks[:end[0]] if end.size else toks)
+        self._record({"event": "sample", "step": self.step, "text": text})
+
+    def save(self, best: bool) -> None:
+        """Commit the state as checkpoint ``ckpt-<step>``, move ``latest`` (and ``best``) to it."""
+        step, batches = self.step, self.batches
+        epoch, window = batches.position(step)
+        meta = {"step": step, "epoch": epoch, "window": window, "chars_seen": step * batches.chars_per_step,
+                "corpus_sha256": self.fingerprint, **self.progress.to_meta()}
+        tensors = self.dp.to_host(ckpt.train_state_tensors(self.state, self.carry))  # every process joins
+        self.saved_at = step
+        if not self.main:
+            return
+        path = ckpt.write_checkpoint(self.run_dir, step, tensors, meta)
+        ckpt.set_pointer(self.run_dir, "latest", path.name)
+        ckpt.fault_point("save-pointer-moved")
+        if best:
+            ckpt.set_pointer(self.run_dir, "best", path.name)
+        runs.discard_replaced(self.run_dir)  # the new run is committed: the run it replaced can go
+        ckpt.prune(self.run_dir, self.cfg.keep)
+        self.emit({"event": "save", "step": step, "path": str(path), "best": best})
+
+    # -- stopping --
+
+    def finish(self, reason: str) -> TrainResult:
+        """The last evaluation and checkpoint (none of a non-finite state), and the result."""
+        self._flush()
+        p, step = self.progress, self.step
+        best = False
+        if self.have_val and self.evaluated_at != step and reason in NATURAL_ENDS:
+            record = self.evaluate()
+            if record is None:
+                reason = self.abort
+            else:
+                best = record["best"]
+        if p.bad_in_a_row:
+            raise CharrnnError(f"training ended at step {step} after {p.bad_in_a_row} step(s) in a row with a "
+                               f"non-finite loss, gradient or parameters; {self._kept()} "
+                               f"(try a lower --lr or --grad-clip)")
+        if self.saved_at != step or best:
+            self.save(best or not self.have_val)
+        self.emit({"event": "end", "step": step, "reason": reason, "best_val": p.best_val})
+        return TrainResult(run_dir=self.run_dir, step=step, stop_reason=reason, last_val=p.last_val,
+                           best_val=p.best_val, train_loss=self.last_loss)
+
+
+def train(corpus, config: Optional[RunConfig] = None, out: Optional[Path] = None, *, resume: bool = False,
+          overwrite: bool = False, init_from: Optional[Path] = None, on_event: Optional[Callable[[dict], None]] = None,
+          should_stop: Optional[Callable[[], Optional[str]]] = None) -> TrainResult:
+    """Train a model on ``corpus`` and write the run directory.
+
+    Args:
+        corpus: a path, a corpus name (see ``charrnn.data.load_corpus``) or a loaded ``Corpus``.
+        config: the run's configuration; with ``resume`` and None, the run's saved one.
+        out: the run directory (default ``checkpoints/<corpus name>``): missing, empty, or (with
+            ``resume`` or ``overwrite``) a charrnn run; a directory holding anything else is refused.
+        resume: continue the run in ``out`` from its latest checkpoint, exactly as if it had
+            not stopped. Model, data and batch layout settings must match the run's.
+        overwrite: start afresh in ``out`` even if it holds a run. The old run is kept aside
+            until the new one commits its first checkpoint, and restored if it never does.
+        init_from: a run directory to fine-tune from: its weights are copied, characters it
+            knows keep their ids, new ones are appended with fresh rows; the optimizer starts
+            fresh. Its architecture (cell, layers, hidden) is used.
+        on_event: called with progress events (dicts with an ``"event"`` key: ``start``,
+            ``step``, ``log``, ``eval``, ``save``, ``end``); the CLI draws its progress bar from
+            them. The library never prints.
+        should_stop: polled once per step and between evaluation chunks; a non-None return (a
+            reason such as ``"SIGINT"``) ends training after the current step with a checkpoint.
+
+    Returns:
+        A ``TrainResult``.
+
+    One process at a time trains a run: it holds the run directory's lock (``runs.RunLock``)
+    throughout. It changes nothing process-wide (environment, malloc, signal handlers): the
+    process tuning ``charrnn train`` applies is in ``charrnn.runtime``.
+
+    Raises:
+        CharrnnError: for unusable input or settings, with a message for the user; also when
+            training ends in non-finite steps (nothing of them is saved).
+    """
+    path_types = (str, os.PathLike)
+    check_argument("train", "corpus", corpus, (*path_types, data_mod.Corpus))
+    check_argument("train", "config", config, (RunConfig,), optional=True)
+    check_argument("train", "out", out, path_types, optional=True)
+    check_argument("train", "init_from", init_from, path_types, optional=True)
+    emit = on_event or (lambda e: None)
+    plan = plan_run(corpus, config, out, resume=resume, overwrite=overwrite, init_from=init_from)
+    dp = parallel.DataParallel(plan.config.train.batch_size)
+    # Only the first process reports.
+    trainer = Trainer(plan, dp, emit if dp.is_main else (lambda e: None), should_stop or (lambda: None))
+    with claim_run_dir(plan, dp.is_main):
+        trainer.build()
+        return trainer.finish(trainer.run())

@@ -50,20 +50,21 @@ def resign(path):
 
 
 def state_with_header(path, header: bytes, body: bytes = b""):
-    (path / ckpt.STATE_FILE).write_bytes(ckpt.MAGIC + struct.pack("<Q", len(header)) + header + body)
+    """A safetensors file: 8-byte little-endian header length, JSON header, data."""
+    (path / ckpt.STATE_FILE).write_bytes(struct.pack("<Q", len(header)) + header + body)
     resign(path)
 
 
 def header_of(tensors=TENSORS) -> dict:
     raw = ckpt.encode_tensors(tensors)
-    (hlen,) = struct.unpack("<Q", raw[8:16])
-    return json.loads(raw[16:16 + hlen])
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + hlen])
 
 
 def body_of(tensors=TENSORS) -> bytes:
     raw = ckpt.encode_tensors(tensors)
-    (hlen,) = struct.unpack("<Q", raw[8:16])
-    return raw[16 + hlen:]
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    return raw[8 + hlen:]
 
 
 def assert_refused(path, *fragments, expected=EXPECTED, partial=False):
@@ -80,7 +81,7 @@ def assert_refused(path, *fragments, expected=EXPECTED, partial=False):
 
 
 def test_tensor_round_trip(tmp_path):
-    path = tmp_path / "state.bin"
+    path = tmp_path / "state.safetensors"
     path.write_bytes(ckpt.encode_tensors(TENSORS))
     out = ckpt.decode_tensors(path, EXPECTED)
     assert sorted(out) == sorted(TENSORS)
@@ -103,7 +104,7 @@ def test_checkpoint_round_trip(tmp_path):
     meta = {"step": 5, "best_val": 1.25, "note": "ü"}
     path = write(tmp_path, meta=meta)
     assert path.name == "ckpt-00000005"
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "meta.json", "state.bin"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "meta.json", "state.safetensors"]
     tensors, got_meta = ckpt.read_checkpoint(path, EXPECTED)
     assert got_meta == meta
     for k, v in TENSORS.items():
@@ -117,23 +118,23 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_truncated_state(tmp_path):
     path = write(tmp_path)
-    data = (path / "state.bin").read_bytes()
-    (path / "state.bin").write_bytes(data[:-5])
-    assert_refused(path, "state.bin", "size")
+    data = (path / ckpt.STATE_FILE).read_bytes()
+    (path / ckpt.STATE_FILE).write_bytes(data[:-5])
+    assert_refused(path, ckpt.STATE_FILE, "size")
     resign(path)  # even with a matching manifest
-    assert_refused(path, "state.bin")
+    assert_refused(path, ckpt.STATE_FILE)
     for cut in (0, 5, 12, 20):
-        (path / "state.bin").write_bytes(data[:cut])
+        (path / ckpt.STATE_FILE).write_bytes(data[:cut])
         resign(path)
-        assert_refused(path, "state.bin")
+        assert_refused(path, ckpt.STATE_FILE)
 
 
 def test_flipped_byte(tmp_path):
     path = write(tmp_path)
-    data = bytearray((path / "state.bin").read_bytes())
+    data = bytearray((path / ckpt.STATE_FILE).read_bytes())
     data[-3] ^= 0x01
-    (path / "state.bin").write_bytes(bytes(data))
-    assert_refused(path, "state.bin", "SHA-256")
+    (path / ckpt.STATE_FILE).write_bytes(bytes(data))
+    assert_refused(path, ckpt.STATE_FILE, "SHA-256")
     meta = bytearray((path / "meta.json").read_bytes())
     meta[2] ^= 0x20
     path2 = write(tmp_path, step=6)
@@ -157,11 +158,16 @@ def test_wrong_shape_and_dtype(tmp_path):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_weights(tmp_path, bad):
     tensors = dict(TENSORS, **{"params/b": np.array([1.0, bad], np.float32)})
-    path = write(tmp_path, tensors=tensors)
+    with pytest.raises(CharrnnError, match="params/b holds NaN or infinite"):  # never written...
+        write(tmp_path, tensors=tensors)
+    assert list((tmp_path / "run").iterdir()) == []
+    path = write(tmp_path)  # ...and refused when read, should one be made some other way
+    (path / ckpt.STATE_FILE).write_bytes(ckpt.encode_tensors(tensors))
+    resign(path)
     assert_refused(path, "params/b", "NaN or infinite")
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "state.bin", "meta.json"])
+@pytest.mark.parametrize("name", ["manifest.json", "state.safetensors", "meta.json"])
 def test_missing_file(tmp_path, name):
     path = write(tmp_path)
     (path / name).unlink()
@@ -178,52 +184,57 @@ def test_missing_directory(tmp_path):
         ckpt.resolve(tmp_path / "empty")
 
 
+def _offsets(h, f):
+    w = h["params/w"]
+    w["data_offsets"] = f(*w["data_offsets"])
+
+
 @pytest.mark.parametrize("change, fragment", [
-    (lambda h: h["tensors"]["params/w"].update(shape=[2 ** 39, 2 ** 39]), "nbytes"),
-    (lambda h: h["tensors"]["params/w"].update(shape=[3, 4], nbytes=2 ** 62), "nbytes"),
-    (lambda h: h["tensors"]["params/w"].update(offset=2 ** 62), "past the end"),
-    (lambda h: h["tensors"]["params/w"].update(shape=[-1, 4]), "shape"),
-    (lambda h: h["tensors"]["params/w"].update(shape=[3.0, 4]), "shape"),
-    (lambda h: h["tensors"]["params/w"].update(shape=[1] * 9), "shape"),
-    (lambda h: h["tensors"]["params/w"].update(dtype="object"), "dtype"),
-    (lambda h: h["tensors"]["params/w"].update(offset=True), "offset"),
-    (lambda h: h["tensors"].update({"params/w": [1, 2]}), "not an object"),
-    (lambda h: h.pop("tensors"), "'tensors'"),
+    (lambda h: h["params/w"].update(shape=[2 ** 39, 2 ** 39]), "'data_offsets'"),
+    (lambda h: _offsets(h, lambda b, e: [b, 2 ** 62]), "'data_offsets'"),
+    (lambda h: _offsets(h, lambda b, e: [b + 2 ** 62, e + 2 ** 62]), "past the end"),
+    (lambda h: h["params/w"].update(shape=[-1, 4]), "shape"),
+    (lambda h: h["params/w"].update(shape=[3.0, 4]), "shape"),
+    (lambda h: h["params/w"].update(shape=[1] * 9), "shape"),
+    (lambda h: h["params/w"].update(dtype="object"), "dtype"),
+    (lambda h: _offsets(h, lambda b, e: [True, e]), "'data_offsets'"),
+    (lambda h: h.update({"params/w": [1, 2]}), "not an object"),
+    (lambda h: h.pop("params/w"), "unused"),  # its bytes stay: a gap in the data
 ])
 def test_lying_header(tmp_path, change, fragment):
     path = write(tmp_path)
     header = header_of()
     change(header)
     state_with_header(path, json.dumps(header).encode(), body_of())
-    assert_refused(path, "state.bin", fragment)
+    assert_refused(path, ckpt.STATE_FILE, fragment)
 
 
 def test_huge_declared_header_length(tmp_path):
     path = write(tmp_path)
     for hlen in (2 ** 63, ckpt.MAX_HEADER_BYTES + 1):
-        (path / "state.bin").write_bytes(ckpt.MAGIC + struct.pack("<Q", hlen) + b"{}")
+        (path / ckpt.STATE_FILE).write_bytes(struct.pack("<Q", hlen) + b"{}")
         resign(path)
-        assert_refused(path, "state.bin", "header length")
+        assert_refused(path, ckpt.STATE_FILE, "header length")
 
 
-def test_bad_magic_and_trailing_bytes(tmp_path):
+def test_bad_header_length_and_trailing_bytes(tmp_path):
     path = write(tmp_path)
-    data = (path / "state.bin").read_bytes()
-    (path / "state.bin").write_bytes(b"PICKLE!!" + data[8:])
+    data = (path / ckpt.STATE_FILE).read_bytes()
+    (path / ckpt.STATE_FILE).write_bytes(b"PICKLE!!" + data[8:])
     resign(path)
-    assert_refused(path, "state.bin", "magic")
-    (path / "state.bin").write_bytes(data + b"\0\0")
+    assert_refused(path, ckpt.STATE_FILE, "header length")
+    (path / ckpt.STATE_FILE).write_bytes(data + b"\0\0")
     resign(path)
-    assert_refused(path, "state.bin", "2 trailing bytes")
+    assert_refused(path, ckpt.STATE_FILE, "2 trailing bytes")
 
 
 def test_deeply_nested_header(tmp_path):
     path = write(tmp_path)
     state_with_header(path, b"[" * 100_000 + b"]" * 100_000)
-    assert_refused(path, "state.bin")
+    assert_refused(path, ckpt.STATE_FILE)
 
 
-@pytest.mark.parametrize("version, fragment", [(2, "newer"), (0, "'version' is 0"), ("1", "'version' is '1'"),
+@pytest.mark.parametrize("version, fragment", [(ckpt.FORMAT_VERSION + 1, "newer"), (0, "'version' is 0"), ("1", "'version' is '1'"),
                                                (None, "'version'")])
 def test_other_format_versions(tmp_path, version, fragment):
     path = write(tmp_path)
@@ -255,11 +266,11 @@ def test_meta_must_be_an_object(tmp_path):
 
 @given(st.data())
 def test_random_damage_is_a_checkpoint_error(tmp_path_factory, data):
-    """Any truncation or byte change of state.bin is refused (or, if harmless, read back) —
+    """Any truncation or byte change of state.safetensors is refused (or, if harmless, read back) —
     never another exception type, even when the manifest is forged to match."""
     tmp = tmp_path_factory.mktemp("fuzz")
     path = write(tmp)
-    raw = bytearray((path / "state.bin").read_bytes())
+    raw = bytearray((path / ckpt.STATE_FILE).read_bytes())
     kind = data.draw(st.sampled_from(["flip", "truncate", "splice"]))
     if kind == "flip":
         for _ in range(data.draw(st.integers(1, 4))):
@@ -270,12 +281,12 @@ def test_random_damage_is_a_checkpoint_error(tmp_path_factory, data):
     else:
         i = data.draw(st.integers(0, len(raw)))
         raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
-    (path / "state.bin").write_bytes(bytes(raw))
+    (path / ckpt.STATE_FILE).write_bytes(bytes(raw))
     resign(path)
     try:
         tensors, _ = ckpt.read_checkpoint(path, EXPECTED)
     except CheckpointError as e:
-        assert str(path / "state.bin") in str(e)
+        assert str(path / ckpt.STATE_FILE) in str(e)
     else:
         assert tensors.keys() == TENSORS.keys()
 

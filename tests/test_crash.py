@@ -76,6 +76,7 @@ def _final_state(run: Path) -> tuple[dict, dict, list]:
     "by ~1e-2 after twenty kills and resumes even with deterministic ops, autotuning off or no XLA cache "
     "(a stop and resume within one process is bit-identical there: the full-disk test here and "
     "test_train's test_resumed_run_equals_uninterrupted_run)"))
+@pytest.mark.slow
 def test_sigkill_at_twenty_moments_then_resume_is_bit_identical(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
@@ -113,7 +114,7 @@ def test_sigkill_at_twenty_moments_then_resume_is_bit_identical(tmp_path):
     for key in ("epoch", "window", "best_val", "best_step", "last_val", "log_losses"):
         assert got_meta[key] == ref_meta[key], key
     assert got_losses == ref_losses
-    assert not list(run.glob(".tmp-*"))
+    assert not list(run.glob(".tmp-*")) and not list(run.glob(ckpt.TMP_PREFIX + "*"))
 
 
 # --- full disk -----------------------------------------------------------------------------
@@ -123,6 +124,7 @@ def _tiny_config(**train):
                      train=TrainConfig(batch_size=2, seq_len=8, log_every=1, **train))
 
 
+@pytest.mark.slow
 def test_full_disk_stops_cleanly_and_resume_continues_exactly(tmp_path, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT, encoding="utf-8")
@@ -143,7 +145,7 @@ def test_full_disk_stops_cleanly_and_resume_continues_exactly(tmp_path, monkeypa
         charrnn.train(str(corpus), config, out=tmp_path / "run", resume=True)
     monkeypatch.setattr(ckpt, "_write_file", real_write)
     assert (tmp_path / "run" / "latest").read_text().strip() == "ckpt-00000004"
-    assert not list((tmp_path / "run").glob(".tmp-*"))
+    assert not list((tmp_path / "run").glob(".tmp-*")) and not list((tmp_path / "run").glob(ckpt.TMP_PREFIX + "*"))
     charrnn.load(tmp_path / "run", "latest")  # the previous checkpoint still loads
 
     charrnn.train(str(corpus), config, out=tmp_path / "run", resume=True)
@@ -216,6 +218,7 @@ def test_the_package_has_no_pickle_or_eval():
             assert not banned.search(code) or "No pickle" in line, f"{path}:{n}: {line.strip()}"
 
 
+@pytest.mark.slow
 def test_reading_a_run_while_it_trains_never_sees_a_partial_checkpoint(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")

@@ -24,14 +24,15 @@ import pytest
 
 import charrnn
 from charrnn import checkpoint as ckpt
+from charrnn import runtime
 from charrnn import data
 from charrnn import runs
 from charrnn.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from charrnn.errors import CharrnnError
 from charrnn.evaluate import evaluate_stream, weighted_nll
 from charrnn.model import build_model
-from charrnn.train import (TrainState, init_state, load_train_state, lr_schedule, make_optimizer,
-                           make_train_step, save_train_state, total_steps)
+from charrnn.checkpoint import load_train_state, save_train_state
+from charrnn.train import TrainState, init_state, lr_schedule, make_optimizer, make_train_step, total_steps
 from charrnn.vocab import START, Vocab
 
 V, H, B, T = 13, 16, 3, 10
@@ -113,8 +114,10 @@ import numpy as np
 import charrnn
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.model import build_model
+import charrnn.train
+from charrnn import runtime
 train = sys.modules["charrnn.train"]
-took = train.use_memory_saving_schedule() if sys.argv[1] == "1" else False
+took = runtime.use_memory_saving_schedule() if sys.argv[1] == "1" else False
 cfg = TrainConfig(batch_size=3, seq_len=10)
 model = build_model(ModelConfig(cell="lstm", layers=2, hidden=16), 13, 0)
 opt = train.make_optimizer(cfg, train.lr_schedule(cfg, None))
@@ -127,6 +130,7 @@ print(took, compiled.memory_analysis().temp_size_in_bytes, float(m["loss"]).hex(
 """
 
 
+@pytest.mark.slow
 def test_memory_saving_schedule_shrinks_the_step_and_keeps_its_numbers():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["CHARRNN_LSTM_KERNEL"] = "0"  # the schedule of XLA's own scan (the native layer has none)
@@ -146,12 +150,13 @@ def test_memory_saving_schedule_shrinks_the_step_and_keeps_its_numbers():
 def test_memory_saving_schedule_is_a_no_op_once_jax_runs(monkeypatch):
     jnp.zeros(1).block_until_ready()
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
-    assert train_mod.use_memory_saving_schedule() is False
+    assert runtime.use_memory_saving_schedule() is False
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true"
 
 
+@pytest.mark.slow
 def test_deterministic_gpu_ops_are_asked_for_before_jax_runs_and_never_after(monkeypatch):
-    probe = ("import os; from charrnn.train import use_deterministic_gpu_ops as f; "
+    probe = ("import os; from charrnn.runtime import use_deterministic_gpu_ops as f; "
              "print(f(), f(), os.environ['XLA_FLAGS'])")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
@@ -159,16 +164,16 @@ def test_deterministic_gpu_ops_are_asked_for_before_jax_runs_and_never_after(mon
     assert r.stdout.split() == ["True", "False", "--xla_gpu_deterministic_ops=true"]  # added once
     jnp.zeros(1).block_until_ready()
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
-    assert train_mod.use_deterministic_gpu_ops() is False  # XLA has read its flags: too late
+    assert runtime.use_deterministic_gpu_ops() is False  # XLA has read its flags: too late
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true"
 
 
 def test_compiling_returns_the_freed_heap(monkeypatch):
-    train_mod._keep_freed_memory()
-    if train_mod._release_freed_memory.trim is None:
+    runtime.keep_freed_memory()
+    if runtime.release_freed_memory.trim is None:
         pytest.skip("not glibc: nothing to trim")
     calls = []
-    monkeypatch.setattr(train_mod._release_freed_memory, "trim", calls.append)
+    monkeypatch.setattr(runtime.release_freed_memory, "trim", calls.append)
     x = np.zeros(7, np.float32)
     assert calls == []
     jax.jit(lambda a: a * 3.0 + 1.0).lower(x).compile()  # a fresh compilation
@@ -178,8 +183,8 @@ def test_compiling_returns_the_freed_heap(monkeypatch):
 def test_blocks_above_the_mmap_threshold_are_reused_without_page_faults():
     # A step's temporaries can be one block per device larger than glibc's largest mmap
     # threshold (32 MiB); mapped afresh each step, every one of its pages faults again.
-    train_mod._keep_freed_memory()
-    if train_mod._release_freed_memory.trim is None:
+    runtime.keep_freed_memory()
+    if runtime.release_freed_memory.trim is None:
         pytest.skip("not glibc")
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
