@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Exact resume holds on a GPU only with XLA:GPU's deterministic operations, which `charrnn
 # train` selects before JAX starts; the in-process runs here need them from the start too.
-from charrnn.train import use_deterministic_gpu_ops  # noqa: E402
+from charrnn.runtime import use_deterministic_gpu_ops  # noqa: E402
 
 use_deterministic_gpu_ops()
 # Start JAX's backends now, with the devices the environment asks for: `charrnn train` run
@@ -92,13 +92,18 @@ def run_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def shakespeare_path() -> Path:
-    """The tinyshakespeare corpus in the shared folder beside the repository, or skip."""
-    candidates = [Path("/work/shared/corpora/tinyshakespeare.txt"),
-                  REPO_ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"]
-    for path in candidates:
+    """The tinyshakespeare corpus from the shared folder, or skip.
+
+    The shared folder is ``$CHARRNN_SHARED_DIR`` when set, else ``shared/`` beside the
+    repository (``../shared``) or inside it; the corpus is ``corpora/tinyshakespeare.txt`` there.
+    """
+    roots = [Path(os.environ["CHARRNN_SHARED_DIR"])] if os.environ.get("CHARRNN_SHARED_DIR") else []
+    roots += [REPO_ROOT.parent / "shared", REPO_ROOT / "shared"]
+    for root in roots:
+        path = root / "corpora" / "tinyshakespeare.txt"
         if path.is_file():
             return path
-    pytest.skip("tinyshakespeare.txt is not in shared/corpora")
+    pytest.skip("tinyshakespeare.txt is not in corpora/ of $CHARRNN_SHARED_DIR or ../shared")
 
 
 @pytest.fixture
@@ -112,7 +117,7 @@ def _train_losses(cell: str, dtype: str, hidden: int, low_token: int = 2, steps:
     run it with a kernel on and off and compare."""
     from charrnn.config import ModelConfig, TrainConfig
     from charrnn.model import build_model
-    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
+    from charrnn.train_step import init_state, lr_schedule, make_optimizer, make_train_step
 
     cfg = TrainConfig(batch_size=8, seq_len=12, lr=1e-2, dtype=dtype)
     rng = np.random.default_rng(0)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import amx
+from charrnn.backends import bf16_matmul as amx
 
 needs_amx = pytest.mark.skipif(not amx.enabled(), reason="no AMX-BF16 or AVX512-BF16 CPU, or no C++ compiler here")
 
@@ -108,6 +108,7 @@ def test_dot_gradients_are_the_transposed_products():
 
 @needs_amx
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.slow
 def test_bfloat16_training_on_the_kernel_matches_xla(cell, monkeypatch, train_losses):
     # The same bfloat16 train steps with the kernel and with XLA's dot: both sum exact bfloat16
     # products in float32, so the losses agree to float32 rounding, not merely to bf16's 1%.
@@ -125,7 +126,7 @@ def test_bfloat16_training_on_the_kernel_matches_xla(cell, monkeypatch, train_lo
 def test_float32_never_uses_the_kernel():
     from charrnn.config import ModelConfig, TrainConfig
     from charrnn.model import build_model
-    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
+    from charrnn.train_step import init_state, lr_schedule, make_optimizer, make_train_step
 
     cfg = TrainConfig(batch_size=4, seq_len=6)
     model = build_model(ModelConfig(cell="lstm", layers=2, hidden=32), 20, 0)
@@ -137,7 +138,7 @@ def test_float32_never_uses_the_kernel():
     assert "charrnn_bf16_matmul" not in text
 
 
-_PROBE = "import charrnn.amx as a, jax.numpy as jnp; print(a.enabled()); print(float(a.dot(jnp.ones((2, 32), jnp.bfloat16), jnp.ones((32, 16), jnp.bfloat16))[0, 0]))"
+_PROBE = "import charrnn.backends.bf16_matmul as a, jax.numpy as jnp; print(a.enabled()); print(float(a.dot(jnp.ones((2, 32), jnp.bfloat16), jnp.ones((32, 16), jnp.bfloat16))[0, 0]))"
 
 
 def _probe(env_extra, tmp_path):
@@ -147,6 +148,7 @@ def _probe(env_extra, tmp_path):
     return r.stdout.split(), r.stderr
 
 
+@pytest.mark.slow
 def test_charrnn_amx_0_turns_the_kernel_off(tmp_path):
     (on, value), _ = _probe({"CHARRNN_AMX": "0"}, tmp_path)
     assert on == "False" and value == "32.0"  # XLA's dot, same product
@@ -154,6 +156,7 @@ def test_charrnn_amx_0_turns_the_kernel_off(tmp_path):
 
 
 @needs_amx
+@pytest.mark.slow
 def test_a_failed_build_falls_back_to_xla(tmp_path):
     (on, value), err = _probe({"CXX": "false"}, tmp_path)
     assert on == "False" and value == "32.0"
@@ -162,6 +165,7 @@ def test_a_failed_build_falls_back_to_xla(tmp_path):
 
 
 @needs_amx
+@pytest.mark.slow
 def test_the_kernel_is_built_once_and_reused(tmp_path):
     (on, value), _ = _probe({}, tmp_path)
     assert on == "True" and value == "32.0"

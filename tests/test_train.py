@@ -32,7 +32,8 @@ from charrnn.errors import CharrnnError
 from charrnn.evaluate import evaluate_stream, weighted_nll
 from charrnn.model import build_model
 from charrnn.checkpoint import load_train_state, save_train_state
-from charrnn.train import TrainState, init_state, lr_schedule, make_optimizer, make_train_step, total_steps
+from charrnn.train_step import TrainState, init_state, lr_schedule, make_optimizer, make_train_step
+from charrnn.train import total_steps
 from charrnn.vocab import START, Vocab
 
 V, H, B, T = 13, 16, 3, 10
@@ -44,6 +45,7 @@ NAMES = ["emma", "emma", "emma", "liam", "noah", "mia", "theo", "sara", "rhea", 
 VOLATILE = ("elapsed_s", "chars_per_s")  # wall-clock fields of metrics.jsonl records
 # `charrnn.train` is the function (exported by the package), which hides the module of that name.
 train_mod = sys.modules["charrnn.train"]
+train_step_mod = sys.modules["charrnn.train_step"]
 
 
 def host(tree):
@@ -75,7 +77,7 @@ def stepper():
         return weighted_nll(*args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "weighted_nll", counting_nll)
+        mp.setattr(train_step_mod, "weighted_nll", counting_nll)
         step_fn = make_train_step(graphdef, opt, cfg)
         yield {"model": model, "opt": opt, "graphdef": graphdef, "state": host(state), "cfg": cfg,
                "step": step_fn, "traces": traces}
