@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from charrnn import data as data_mod
+from charrnn import batches
 
 EVAL_CHUNK = 8  # validation windows per device dispatch
 # Characters each validation row reads, unscored, before its own part. Without them each of
@@ -68,7 +68,7 @@ def evaluate_stream(model_graphdef, params, initial_carry_fn, stream: np.ndarray
     carry = initial_carry_fn(num_streams)
     total, count = 0.0, 0.0
     sums = []
-    for x, y, w in data_mod.eval_windows(stream, num_streams, seq_len, EVAL_CHUNK, warmup):
+    for x, y, w in batches.eval_windows(stream, num_streams, seq_len, EVAL_CHUNK, warmup):
         if should_stop is not None:
             if sums:
                 jax.block_until_ready(sums[-1])  # at most one chunk queued behind the host

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from charrnn import batches as batches_mod
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
 from charrnn import inference, parallel, runs
@@ -118,7 +119,7 @@ def plan_run(corpus, config: Optional[RunConfig], out: Optional[Path], *, resume
     config = replace(config, corpus=config.corpus or corpus_label)
     cfg = config.train
     n_val = int(num_tokens * config.data.val_frac)
-    _, steps_per_epoch = data_mod.StreamBatches.layout(num_tokens - n_val, cfg.batch_size, cfg.seq_len)
+    _, steps_per_epoch = batches_mod.StreamBatches.layout(num_tokens - n_val, cfg.batch_size, cfg.seq_len)
     end_step = total_steps(cfg, steps_per_epoch)
     lr_schedule(cfg, end_step)  # refuses a decay that needs a known length
     return RunPlan(run_dir, config, vocab, corp, resume, overwrite, source, end_step)
@@ -208,8 +209,8 @@ class Trainer:
         tokens_file = runs.TOKENS_FILE if self.main else f"tokens-p{jax.process_index()}.npy"
         encoded = data_mod.encode_corpus(plan.corpus, plan.config.data.docs, plan.vocab, self.run_dir / tokens_file)
         self.fingerprint = encoded.sha256
-        train_stream, self.val_stream = data_mod.split_train_val(encoded.stream, plan.config.data.val_frac)
-        self.batches = data_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
+        train_stream, self.val_stream = batches_mod.split_train_val(encoded.stream, plan.config.data.val_frac)
+        self.batches = batches_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
         self.schedule = lr_schedule(cfg, plan.end_step)
         optimizer = make_optimizer(cfg, self.schedule)
         self.keys = run_keys(cfg.seed)

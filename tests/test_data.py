@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from charrnn import data
 from charrnn import data as data_mod
-from charrnn.data import StreamBatches, decode_bytes, encode_documents, eval_windows, split_documents
+from charrnn.batches import StreamBatches, eval_windows, split_train_val
+from charrnn.data import decode_bytes, encode_documents, split_documents
 from charrnn.errors import CharrnnError
 from charrnn.vocab import END, START, Vocab
 
@@ -190,9 +191,9 @@ def test_encode_documents_property(docs):
 
 def test_split_train_val():
     s = np.arange(100, dtype=np.int32)
-    tr, va = data.split_train_val(s, 0.1)
+    tr, va = split_train_val(s, 0.1)
     assert tr.tolist() == list(range(90)) and va.tolist() == list(range(90, 100))
-    tr, va = data.split_train_val(s, 0.0)
+    tr, va = split_train_val(s, 0.0)
     assert len(tr) == 100 and len(va) == 0
 
 
