@@ -20,7 +20,7 @@ from charrnn import data as data_mod
 from charrnn import parallel
 from charrnn import runs
 from charrnn import sample as sampler
-from charrnn.config import RunConfig, SampleConfig
+from charrnn.config import RunConfig, SampleConfig, check_argument
 from charrnn.errors import CharrnnError, CheckpointError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn
 from charrnn.model import abstract_model, count_params, split_model
@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
-    """One generated text (prime included); ``ended`` is True when it stopped at the end token."""
+    """One generated text (prime included) and why it ended: ``finish`` is ``"end"`` (the end
+    token), ``"stop"`` (a stop string, not included) or ``"length"`` (the length limit);
+    ``ended`` is ``finish != "length"``."""
 
     text: str
     ended: bool
+    finish: str = "length"
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Run:
         self.model = model if model is not None else abstract_model(config.model, vocab.size)
         self.graphdef, _ = nnx.split(self.model)
         self._dtype = compute_dtype("float32")
-        self._samplers = {}  # device count -> (prime, generate, replicated params)
+        self._samplers = {}  # (device count, penalties) -> (prime, generate, replicated params)
         self._eval_fn = None
 
     @property
@@ -92,13 +95,16 @@ class Run:
             return 1
         return parallel.sampling_devices_for(self.config.model, self.vocab.size, num_samples, cores=len(devices))
 
-    def _sampler_fns(self, devices: int = 1):
-        if devices not in self._samplers:
+    def _sampler_fns(self, devices: int = 1, penalties: bool = False):
+        """``(prime, generate, params)`` of the sampler for ``devices`` devices, built once each
+        (``penalties``: the program that counts characters; without, exactly the plain one)."""
+        if (devices, penalties) not in self._samplers:
             mesh = parallel.local_mesh(devices) if devices > 1 else None
-            prime, generate = sampler.make_sampler(sampler.model_step_fn(self.graphdef, self._dtype), mesh=mesh)
+            prime, generate = sampler.make_sampler(sampler.model_step_fn(self.graphdef, self._dtype), mesh=mesh,
+                                                   penalties=penalties)
             params = self.params if mesh is None else jax.device_put(self.params, NamedSharding(mesh, P()))
-            self._samplers[devices] = (prime, generate, params)
-        return self._samplers[devices]
+            self._samplers[devices, penalties] = (prime, generate, params)
+        return self._samplers[devices, penalties]
 
     def _zero_carry(self, rows: int):
         """The model's initial carry for ``rows`` rows as numpy zeros (``initial_carry``'s
@@ -118,42 +124,60 @@ class Run:
         """Generate ``config.num_samples`` samples at once, chunk by chunk.
 
         Yields ``(pieces, ended_N)``: each sample's new text in this chunk (the first chunk is
-        the prime text itself) and which samples have reached the end token so far. A sample
-        stops at the end token or after ``config.length`` generated characters.
+        the prime text itself) and which samples have finished so far. A sample finishes at the
+        end token, before a stop string or after ``config.length`` generated characters; the
+        pieces concatenate to ``sample``'s texts. Sample i draws from
+        ``fold_in(prng.key_from_seed(seed), i)``: its text does not depend on ``num_samples``.
         """
+        for pieces, finish in self._stream(config):
+            yield pieces, np.array([f is not None for f in finish], bool)
+
+    def _stream(self, config: SampleConfig) -> Iterator[tuple[list[str], list[Optional[str]]]]:
+        """``stream``'s pieces with each sample's finish reason (``None`` while it runs)."""
+        n = config.num_samples
         prime_ids = self.check_prime(config.prime)
-        devices = self.sampling_devices(config.num_samples)
-        log.info("sampling %d rows on %d device(s)", config.num_samples, devices)
-        prime, generate, params = self._sampler_fns(devices)
-        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+        devices = self.sampling_devices(n)
+        log.info("sampling %d rows on %d device(s)", n, devices)
+        prime, generate, params = self._sampler_fns(devices, config.penalties)
+        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little")
         controls = sampler.make_controls(self.vocab.size, config.temperature, config.top_k, config.top_p,
-                                         config.greedy)
-        prompt = sampler.prompt_tokens(prime_ids, config.num_samples)
-        carry = (params, self._zero_carry(config.num_samples))
-        ended = np.zeros(config.num_samples, bool)
-        yield [config.prime] * config.num_samples, ended.copy()
-        for toks in sampler.generate_stream(prime, generate, carry, prompt, sampler.seed_key(seed),
-                                            controls, config.length):
+                                         config.greedy, config.presence_penalty, config.frequency_penalty,
+                                         config.repetition_penalty, rows=n)
+        prompt = sampler.prompt_tokens(prime_ids, n)
+        counts = sampler.prompt_counts(prompt, self.vocab.size) if config.penalties and config.penalize_prime else None
+        carry = (params, self._zero_carry(n))
+        finish: list[Optional[str]] = [None] * n
+        stops = [sampler.StopMatcher(config.stop) for _ in range(n)]
+        yield [config.prime] * n, list(finish)
+        made = 0
+        for toks in sampler.generate_stream(prime, generate, carry, prompt, sampler.row_keys(seed, n),
+                                            controls, config.length, counts):
+            made += toks.shape[1]
             pieces = []
             for i, row in enumerate(toks):
-                if ended[i]:
+                if finish[i] is not None:
                     pieces.append("")
                     continue
-                stop = np.flatnonzero(row == END)
-                if stop.size:
-                    ended[i] = True
-                    row = row[:stop[0]]
-                pieces.append(self.vocab.decode(row))
-            yield pieces, ended.copy()
+                end = np.flatnonzero(row == END)
+                text, stopped = stops[i].feed(self.vocab.decode(row[:end[0]] if end.size else row))
+                if stopped:
+                    finish[i] = "stop"
+                elif end.size or made >= config.length:
+                    finish[i] = "end" if end.size else "length"
+                    text += stops[i].flush()
+                pieces.append(text)
+            yield pieces, list(finish)
+            if all(f is not None for f in finish):
+                break  # every row ended, stopped or reached the length: no more chunks
 
     def sample(self, config: Optional[SampleConfig] = None, **overrides) -> list[Sample]:
         """Generate samples; ``overrides`` are ``SampleConfig`` fields (``length=200, prime="A"``)."""
         config = config or SampleConfig(**overrides)
         texts = ["" for _ in range(config.num_samples)]
-        ended = np.zeros(config.num_samples, bool)
-        for pieces, ended in self.stream(config):
+        finish: list[Optional[str]] = [None] * config.num_samples
+        for pieces, finish in self._stream(config):
             texts = [t + p for t, p in zip(texts, pieces)]
-        return [Sample(t, bool(e)) for t, e in zip(texts, ended)]
+        return [Sample(t, f is not None and f != "length", f or "length") for t, f in zip(texts, finish)]
 
     def beam_search(self, prime: str = "", beam: int = 5, length: int = 100,
                     length_penalty: float = 0.0) -> list["BeamResult"]:
@@ -168,7 +192,7 @@ class Run:
             raise CharrnnError(f"--length must be at least 1, not {length}")
         prime_ids = self.check_prime(prime)
         primed = self._sampler_fns()[0]((self.params, self._zero_carry(1)), sampler.prompt_tokens(prime_ids, 1),
-                                        sampler.seed_key(0))
+                                        sampler.row_keys(0, 1))
         search = sampler.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype), beam, length)
         result = jax.device_get(search((self.params, primed.carry[1]), primed.logits_BxV))
         out = []
@@ -201,6 +225,7 @@ class Run:
         Returns:
             ``{"nats": ..., "bits": ..., "perplexity": ..., "chars": scored characters}``.
         """
+        check_argument("Run.evaluate", "text", text, (str,))
         docs = data_mod.split_documents(text, self.config.data.docs)
         if not docs:
             raise CharrnnError("the text to evaluate is empty")
@@ -228,26 +253,15 @@ def load(run, checkpoint: str = "best") -> Run:
     Raises:
         CheckpointError: when anything in the run is missing, altered or inconsistent.
     """
+    check_argument("load", "run", run, (str, os.PathLike))
     if checkpoint not in ckpt.POINTERS:
         raise CharrnnError(f"--checkpoint must be best or latest, not {checkpoint!r}")
     path = Path(run)
-    ck_dir = ckpt.resolve(path, checkpoint)
-    run_dir = ck_dir.parent
+    run_dir = ckpt.resolve(path, checkpoint).parent
     config, vocab = runs.read_run_files(run_dir)
     model = abstract_model(config.model, vocab.size)
     _, params_template = split_model(model)
-    expected = runs.expected_shapes({"params": params_template})
-    for attempt in range(10):
-        try:
-            tensors, meta = ckpt.read_checkpoint(ck_dir, expected, partial=True)
-            break
-        except CheckpointError:
-            # A run being trained may commit a newer checkpoint and retire this one while we
-            # read it: if the pointer moved on, read the new one instead.
-            newer = ckpt.resolve(path, checkpoint)
-            if attempt == 9 or newer == ck_dir:
-                raise
-            ck_dir = newer
+    ck_dir, params, meta = ckpt.read_params(path, checkpoint, params_template)
     # device_put, not jnp.asarray: the latter compiles an XLA copy per array shape (~10 ms each).
-    params = jax.tree_util.tree_map(jax.device_put, runs.unflatten(params_template, "params", tensors))
+    params = jax.tree_util.tree_map(jax.device_put, params)
     return Run(run_dir, config, vocab, ck_dir, params, meta, model=model)

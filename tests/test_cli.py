@@ -77,7 +77,7 @@ def test_sample_json_one_object_per_sample(trained):
     assert r.exit_code == 0, r.output
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert len(rows) == 3
-    assert all(set(row) == {"text", "ended"} for row in rows)
+    assert all(set(row) == {"text", "ended", "finish"} for row in rows)
     assert all(len(row["text"]) <= 20 for row in rows)
 
 
@@ -233,6 +233,7 @@ def test_corpora_lists_the_builtins():
         assert name in r.stdout
 
 
+@pytest.mark.slow
 def test_launcher_script_runs_from_a_checkout():
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "cli.py"), "--help"], capture_output=True, text=True, timeout=120)
@@ -263,6 +264,7 @@ def _wait_for_steps(path: Path, n: int, proc, timeout=120.0):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_saves_a_checkpoint_and_exits_with_the_signal_code(tmp_path, sig, code):
     proc, corpus = _start_training(tmp_path)
     _wait_for_steps(tmp_path / "run" / "metrics.jsonl", 3, proc)
