@@ -15,13 +15,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from charrnn import beam as beam_mod
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
 from charrnn import parallel
 from charrnn import runs
 from charrnn import sample as sampler
 from charrnn.config import RunConfig, SampleConfig, check_argument
-from charrnn.errors import CharrnnError, CheckpointError
+from charrnn.errors import CharrnnError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn
 from charrnn.model import abstract_model, count_params, split_model
 from charrnn.vocab import END, Vocab, describe_chars
@@ -193,10 +194,10 @@ class Run:
         prime_ids = self.check_prime(prime)
         primed = self._sampler_fns()[0]((self.params, self._zero_carry(1)), sampler.prompt_tokens(prime_ids, 1),
                                         sampler.row_keys(0, 1))
-        search = sampler.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype), beam, length)
+        search = beam_mod.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype), beam, length)
         result = jax.device_get(search((self.params, primed.carry[1]), primed.logits_BxV))
         out = []
-        for i in sampler.rank_beams(result, length_penalty):
+        for i in beam_mod.rank_beams(result, length_penalty):
             row = result.tokens_KxL[i][:int(result.length_K[i])]
             out.append(BeamResult(prime + self.vocab.decode(row), float(result.logprob_K[i]),
                                   bool(result.ended_K[i])))

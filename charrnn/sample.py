@@ -258,7 +258,7 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
 
     def prime_rows(carry, prompt_BxP, keys_Bx2, counts_BxV):
         b = prompt_BxP.shape[0]
-        step, inner, rebuild = _loop_step(step_fn, carry, alone=not split)
+        step, inner, rebuild = loop_step(step_fn, carry, alone=not split)
 
         def body(inner, tok_B):
             return step(_reset_rows(step_fn, inner, tok_B == START), tok_B)
@@ -273,7 +273,7 @@ def make_sampler(step_fn: StepFn, chunk: int = CHUNK, mesh: Optional[Mesh] = Non
     def generate_rows(state: SamplerState, controls: Controls):
         b, v = state.logits_BxV.shape
         controls = rows_controls(controls, b)
-        step, inner, rebuild = _loop_step(step_fn, state.carry, alone=not split)
+        step, inner, rebuild = loop_step(step_fn, state.carry, alone=not split)
         steps = max(NOISE_STEPS, noise_steps(chunk, b * (mesh.size if split else 1), v))
 
         def body(s: SamplerState, noise_BxV):
@@ -375,7 +375,7 @@ def _reset_rows(step_fn: StepFn, inner, reset_B):
     return jax.tree_util.tree_map(reset, inner)
 
 
-def _loop_step(step_fn: StepFn, carry, alone: bool = False):
+def loop_step(step_fn: StepFn, carry, alone: bool = False):
     """``(step, inner, rebuild)`` for a loop of ``step_fn`` calls starting from ``carry``.
 
     ``step(inner, token_B) -> (inner, logits_BxV)`` runs in the loop and ``rebuild(inner)`` is
@@ -556,64 +556,3 @@ def prompt_tokens(prime_ids: np.ndarray, num_samples: int) -> np.ndarray:
     """The prompt every sample starts from: the start token then the prime text, ``(N, 1 + P)``."""
     row = np.concatenate([[START], np.asarray(prime_ids, dtype=np.int32)]).astype(np.int32)
     return np.tile(row, (num_samples, 1))
-
-
-class Beam(NamedTuple):
-    """Beam search output: ``tokens_KxL`` (end tokens after a beam ends), total log-probabilities
-    ``logprob_K`` (nats), ``length_K`` (tokens generated, the end token included) and ``ended_K``."""
-
-    tokens_KxL: jax.Array
-    logprob_K: jax.Array
-    length_K: jax.Array
-    ended_K: jax.Array
-
-
-def make_beam_search(step_fn: StepFn, beam: int, length: int):
-    """Build a jitted ``search(carry_1, logits_1xV) -> Beam`` keeping the ``beam`` most probable
-    continuations (by total log-probability) for ``length`` steps from a primed single row.
-
-    A beam that has drawn the end token continues only with end tokens at probability one, so
-    finished and unfinished continuations compete on their total log-probability. With
-    ``model_step_fn``'s step, ``carry_1`` is ``(params, state)`` and the weights are prepared
-    once, outside the loop (see ``_loop_step``); only the state is reordered.
-    """
-
-    @jax.jit
-    def search(carry_1, logits_1xV):
-        V = logits_1xV.shape[-1]
-        step, inner_1, _ = _loop_step(step_fn, carry_1, alone=True)
-        carry = jax.tree_util.tree_map(lambda c: jnp.repeat(c, beam, axis=0), inner_1)
-        logits = jnp.repeat(logits_1xV, beam, axis=0)
-        # Only beam 0 is live at first, so the first expansion does not repeat itself.
-        scores = jnp.full((beam,), -jnp.inf).at[0].set(0.0)
-        tokens = jnp.full((beam, length), END, jnp.int32)
-        done = jnp.zeros((beam,), bool)
-        only_end_V = jnp.where(jnp.arange(V) == END, 0.0, -jnp.inf)
-
-        def body(state, t):
-            carry, logits, scores, tokens, done = state
-            logp_KxV = jax.nn.log_softmax(logits.at[:, START].set(-jnp.inf), axis=-1)
-            logp_KxV = jnp.where(done[:, None], only_end_V[None, :], logp_KxV)
-            top, idx = jax.lax.top_k((scores[:, None] + logp_KxV).reshape(-1), beam)
-            src, tok = idx // V, (idx % V).astype(jnp.int32)
-            carry = jax.tree_util.tree_map(lambda c: c[src], carry)
-            tokens = tokens[src].at[:, t].set(tok)
-            done = done[src] | (tok == END)
-            carry, logits = step(carry, tok)
-            return (carry, logits, top, tokens, done), None
-
-        (_, _, scores, tokens, done), _ = jax.lax.scan(
-            body, (carry, logits, scores, tokens, done), jnp.arange(length))
-        first_end = jnp.argmax(tokens == END, axis=-1)
-        generated = jnp.where(done, first_end + 1, length)
-        return Beam(tokens, scores, generated, done)
-
-    return search
-
-
-def rank_beams(beam: Beam, length_penalty: float = 0.0) -> list[int]:
-    """Indices of the finite-scored beams, best first, by ``logprob / length ** length_penalty``."""
-    logprob, n = np.asarray(beam.logprob_K), np.asarray(beam.length_K)
-    score = logprob / np.maximum(n, 1) ** length_penalty
-    order = [int(i) for i in np.argsort(-score, kind="stable") if np.isfinite(logprob[i])]
-    return order

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import charrnn
+from charrnn import beam as beam_mod
 from charrnn import sample as sampler
 from charrnn.cli import cli
 from charrnn.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -62,15 +63,15 @@ def test_beam_search_equals_exhaustive_search(tiny_model):
     prompt, length = [START, 2], 3
     truth = _exhaustive(model, step_fn, prompt, length)
     beam = len(truth)  # wide enough to be exact
-    result = jax.device_get(sampler.make_beam_search(step_fn, beam, length)(*_primed(model, step_fn, prompt)))
-    order = sampler.rank_beams(result)
+    result = jax.device_get(beam_mod.make_beam_search(step_fn, beam, length)(*_primed(model, step_fn, prompt)))
+    order = beam_mod.rank_beams(result)
     got = [(tuple(int(t) for t in result.tokens_KxL[i]), float(result.logprob_K[i])) for i in order]
     want = sorted(truth.items(), key=lambda kv: -kv[1])
     assert [s for s, _ in got] == [s for s, _ in want]
     np.testing.assert_allclose([lp for _, lp in got], [lp for _, lp in want], rtol=1e-5, atol=1e-5)
     # a narrower beam may miss the best sequences, but scores the ones it keeps exactly
-    narrow = jax.device_get(sampler.make_beam_search(step_fn, 3, length)(*_primed(model, step_fn, prompt)))
-    for i in sampler.rank_beams(narrow):
+    narrow = jax.device_get(beam_mod.make_beam_search(step_fn, 3, length)(*_primed(model, step_fn, prompt)))
+    for i in beam_mod.rank_beams(narrow):
         seq = tuple(int(t) for t in narrow.tokens_KxL[i])
         assert float(narrow.logprob_K[i]) == pytest.approx(truth[seq], abs=1e-5)
 
@@ -78,7 +79,7 @@ def test_beam_search_equals_exhaustive_search(tiny_model):
 def test_beam_one_is_greedy_decoding(tiny_model):
     model, step_fn = tiny_model
     prompt, length = [START, 3, 2], 12
-    result = jax.device_get(sampler.make_beam_search(step_fn, 1, length)(*_primed(model, step_fn, prompt)))
+    result = jax.device_get(beam_mod.make_beam_search(step_fn, 1, length)(*_primed(model, step_fn, prompt)))
     prime, generate = sampler.make_sampler(step_fn, chunk=length)
     controls = sampler.make_controls(model.vocab_size, greedy=True)
     state = prime(model.initial_carry(1), jnp.asarray([prompt], jnp.int32), jax.random.PRNGKey(5))
@@ -87,10 +88,10 @@ def test_beam_one_is_greedy_decoding(tiny_model):
 
 
 def test_length_penalty_reorders_by_mean_log_probability():
-    beam = sampler.Beam(tokens_KxL=np.zeros((3, 4), np.int32), logprob_K=np.array([-4.0, -3.0, -np.inf]),
+    beam = beam_mod.Beam(tokens_KxL=np.zeros((3, 4), np.int32), logprob_K=np.array([-4.0, -3.0, -np.inf]),
                         length_K=np.array([4, 1, 2]), ended_K=np.array([False, True, True]))
-    assert sampler.rank_beams(beam, 0.0) == [1, 0]
-    assert sampler.rank_beams(beam, 1.0) == [0, 1]  # -1.0 per char beats -3.0 per char
+    assert beam_mod.rank_beams(beam, 0.0) == [1, 0]
+    assert beam_mod.rank_beams(beam, 1.0) == [0, 1]  # -1.0 per char beats -3.0 per char
 
 
 def _train(tmp_path, name, text, **kw):
@@ -102,6 +103,7 @@ def _train(tmp_path, name, text, **kw):
     return charrnn.train(str(corpus), config, out=tmp_path / name)
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_ids_and_starts_where_the_old_run_ended(tmp_path):
     old_text = "the quick brown fox jumps over the lazy dog. " * 30 + "Q"  # 'Q': a rare character
     old = _train(tmp_path, "old", old_text, train={"max_steps": 300})

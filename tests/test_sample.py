@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from charrnn import beam as beam_mod
 from charrnn import sample as sampler
 from charrnn.vocab import END, START
 
@@ -255,9 +256,9 @@ def test_beam_search_finds_the_most_probable_sequences():
     def step(carry, tok):
         return carry, jnp.broadcast_to(jnp.asarray(logits), (tok.shape[0], V))
 
-    search = sampler.make_beam_search(step, beam=3, length=2)
+    search = beam_mod.make_beam_search(step, beam=3, length=2)
     result = jax.device_get(search((jnp.zeros((1, 1)),), jnp.asarray(logits)[None]))
-    order = sampler.rank_beams(result)
+    order = beam_mod.rank_beams(result)
     seqs = [tuple(np.asarray(result.tokens_KxL)[i].tolist()) for i in order]
     assert seqs[0] == (2, 2) and set(seqs[1:]) == {(2, 3), (3, 2)}
     np.testing.assert_allclose(np.asarray(result.logprob_K)[order],

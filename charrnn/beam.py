@@ -1,0 +1,77 @@
+"""Beam search: the K most probable continuations of a primed row, on device.
+
+Takes the sampler's ``step_fn(carry, token_B) -> (carry, logits_BxV)`` (``sample.model_step_fn``
+for a model), so tests can drive it with fake logits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from charrnn.sample import StepFn, loop_step
+from charrnn.vocab import END, START
+
+
+class Beam(NamedTuple):
+    """Beam search output: ``tokens_KxL`` (end tokens after a beam ends), total log-probabilities
+    ``logprob_K`` (nats), ``length_K`` (tokens generated, the end token included) and ``ended_K``."""
+
+    tokens_KxL: jax.Array
+    logprob_K: jax.Array
+    length_K: jax.Array
+    ended_K: jax.Array
+
+
+def make_beam_search(step_fn: StepFn, beam: int, length: int):
+    """Build a jitted ``search(carry_1, logits_1xV) -> Beam`` keeping the ``beam`` most probable
+    continuations (by total log-probability) for ``length`` steps from a primed single row.
+
+    A beam that has drawn the end token continues only with end tokens at probability one, so
+    finished and unfinished continuations compete on their total log-probability. With
+    ``model_step_fn``'s step, ``carry_1`` is ``(params, state)`` and the weights are prepared
+    once, outside the loop (see ``loop_step``); only the state is reordered.
+    """
+
+    @jax.jit
+    def search(carry_1, logits_1xV):
+        V = logits_1xV.shape[-1]
+        step, inner_1, _ = loop_step(step_fn, carry_1, alone=True)
+        carry = jax.tree_util.tree_map(lambda c: jnp.repeat(c, beam, axis=0), inner_1)
+        logits = jnp.repeat(logits_1xV, beam, axis=0)
+        # Only beam 0 is live at first, so the first expansion does not repeat itself.
+        scores = jnp.full((beam,), -jnp.inf).at[0].set(0.0)
+        tokens = jnp.full((beam, length), END, jnp.int32)
+        done = jnp.zeros((beam,), bool)
+        only_end_V = jnp.where(jnp.arange(V) == END, 0.0, -jnp.inf)
+
+        def body(state, t):
+            carry, logits, scores, tokens, done = state
+            logp_KxV = jax.nn.log_softmax(logits.at[:, START].set(-jnp.inf), axis=-1)
+            logp_KxV = jnp.where(done[:, None], only_end_V[None, :], logp_KxV)
+            top, idx = jax.lax.top_k((scores[:, None] + logp_KxV).reshape(-1), beam)
+            src, tok = idx // V, (idx % V).astype(jnp.int32)
+            carry = jax.tree_util.tree_map(lambda c: c[src], carry)
+            tokens = tokens[src].at[:, t].set(tok)
+            done = done[src] | (tok == END)
+            carry, logits = step(carry, tok)
+            return (carry, logits, top, tokens, done), None
+
+        (_, _, scores, tokens, done), _ = jax.lax.scan(
+            body, (carry, logits, scores, tokens, done), jnp.arange(length))
+        first_end = jnp.argmax(tokens == END, axis=-1)
+        generated = jnp.where(done, first_end + 1, length)
+        return Beam(tokens, scores, generated, done)
+
+    return search
+
+
+def rank_beams(beam: Beam, length_penalty: float = 0.0) -> list[int]:
+    """Indices of the finite-scored beams, best first, by ``logprob / length ** length_penalty``."""
+    logprob, n = np.asarray(beam.logprob_K), np.asarray(beam.length_K)
+    score = logprob / np.maximum(n, 1) ** length_penalty
+    order = [int(i) for i in np.argsort(-score, kind="stable") if np.isfinite(logprob[i])]
+    return order
