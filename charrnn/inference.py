@@ -25,7 +25,7 @@ from charrnn.config import RunConfig, SampleConfig, check_argument
 from charrnn.errors import CharrnnError
 from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn
 from charrnn.model import abstract_model, count_params, split_model
-from charrnn.vocab import END, Vocab, describe_chars
+from charrnn.vocab import Vocab, describe_chars
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +159,12 @@ class Run:
                 if finish[i] is not None:
                     pieces.append("")
                     continue
-                end = np.flatnonzero(row == END)
-                text, stopped = stops[i].feed(self.vocab.decode(row[:end[0]] if end.size else row))
+                row, ended = sampler.cut_at_end(row)
+                text, stopped = stops[i].feed(self.vocab.decode(row))
                 if stopped:
                     finish[i] = "stop"
-                elif end.size or made >= config.length:
-                    finish[i] = "end" if end.size else "length"
+                elif ended or made >= config.length:
+                    finish[i] = "end" if ended else "length"
                     text += stops[i].flush()
                 pieces.append(text)
             yield pieces, list(finish)

@@ -552,6 +552,12 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
     return step_fn
 
 
+def cut_at_end(tokens: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A row's generated tokens up to (not including) its first end token, and whether it had one."""
+    end = np.flatnonzero(tokens == END)
+    return (tokens[:end[0]], True) if end.size else (tokens, False)
+
+
 def prompt_tokens(prime_ids: np.ndarray, num_samples: int) -> np.ndarray:
     """The prompt every sample starts from: the start token then the prime text, ``(N, 1 + P)``."""
     row = np.concatenate([[START], np.asarray(prime_ids, dtype=np.int32)]).astype(np.int32)

@@ -26,7 +26,7 @@ from charrnn.errors import CharrnnError
 from charrnn.evaluate import evaluate_stream, make_eval_fn
 from charrnn.model import build_model, split_model
 from charrnn.train_step import TrainState, init_state, lr_schedule, make_optimizer, make_train_step, run_keys
-from charrnn.vocab import END, Vocab
+from charrnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -392,8 +392,7 @@ class Trainer:
         toks = np.concatenate(list(sample_mod.generate_stream(
             *self.sample_fns, (self.dp.local_copy(self.state.params), self.model.initial_carry(1)), prompt,
             self.keys["sample"], controls, self.cfg.sample_length)), axis=1)[0]
-        end = np.flatnonzero(toks == END)
-        text = self.plan.vocab.decode(toks[:end[0]] if end.size else toks)
+        text = self.plan.vocab.decode(sample_mod.cut_at_end(toks)[0])
         self._record({"event": "sample", "step": self.step, "text": text})
 
     def save(self, best: bool) -> None:
