@@ -14,16 +14,10 @@ pinned checksums still apply, so a mirror cannot substitute different data.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
 import sysconfig
-import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
@@ -35,7 +29,13 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, Optional[int]], None]
 """``progress(done_bytes, total_bytes_or_None)``, called as a download advances."""
 
-TIMEOUT_S = 30.0  # per blocking socket operation, not for the whole download
+# A download is bounded three ways: no read waits longer than TIMEOUT_S, the whole transfer
+# must finish within DEADLINE_S plus the time the pinned size takes at MIN_RATE bytes/s (a
+# source that trickles a byte every few seconds ends too), and nothing beyond the pinned size
+# is read.
+TIMEOUT_S = 30.0
+DEADLINE_S = 60.0
+MIN_RATE = 50_000
 _CHUNK = 1 << 20
 _TEMP_SUFFIX = ".part"
 _STALE_TEMP_S = 600.0  # a temp file untouched this long belongs to a dead download
@@ -209,7 +209,7 @@ def get(name: str, *, cache_dir: Optional[str | os.PathLike] = None, mirror: Opt
     temps: list[Path] = []
     try:
         download = _temp(root, d.name, temps)
-        digest = _fetch(d.name, source, download, progress)
+        digest = _fetch(d.name, source, download, progress, d.size)
         _check(d.name, source, d.sha256, digest)
         text = download
         if d.member is not None:
@@ -371,6 +371,8 @@ def _check(name: str, source: str, expected: Optional[str], actual: str) -> None
 
 
 def _temp(root: Path, name: str, temps: list[Path]) -> Path:
+    import tempfile
+
     fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMP_SUFFIX, dir=root)
     os.close(fd)
     temps.append(Path(path))
@@ -396,14 +398,30 @@ def _source(d: Download, mirror: Optional[str]) -> str:
     if mirror.startswith(("http://", "https://")):
         return mirror.rstrip("/") + "/" + d.filename
     if mirror.startswith("file:"):
+        import urllib.parse
+        import urllib.request
+
         mirror = urllib.request.url2pathname(urllib.parse.urlparse(mirror).path)
     return str(Path(mirror).expanduser() / d.filename)
 
 
-def _fetch(name: str, source: str, dest: Path, progress: Optional[Progress]) -> str:
-    """Copy ``source`` (URL or path) into ``dest``, returning the SHA-256 of what was written."""
+def _fetch(name: str, source: str, dest: Path, progress: Optional[Progress], size: int) -> str:
+    """Copy ``source`` (URL or path) into ``dest``, returning the SHA-256 of what was written.
+
+    Reads at most ``size`` bytes (the pinned size) and refuses a source that holds more, one
+    whose reads stall past ``TIMEOUT_S``, or a transfer that outlasts its deadline.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+
     log.info("downloading %s from %s", name, source)
+    deadline = time.monotonic() + DEADLINE_S + size / MIN_RATE
     is_url = source.startswith(("http://", "https://"))
+
+    def fail(why: str) -> CharrnnError:
+        return CharrnnError(f"cannot download {name} from {source}: {why}; nothing was cached")
+
     try:
         if is_url:
             request = urllib.request.Request(source, headers={"User-Agent": "charrnn"})
@@ -424,19 +442,27 @@ def _fetch(name: str, source: str, dest: Path, progress: Optional[Progress]) -> 
     h = hashlib.sha256()
     done = 0
     with stream, open(dest, "wb") as out:
+        if total is not None and total > size:
+            raise fail(f"it is {total:,} bytes, not the pinned {size:,}")
         if progress:
             progress(0, total)
         while True:
+            if time.monotonic() > deadline:
+                raise fail(f"too slow: {done:,} of {size:,} bytes after "
+                           f"{DEADLINE_S + size / MIN_RATE:.0f} s")
             try:
-                chunk = stream.read(_CHUNK)
+                # read1: whatever has arrived (up to the size plus one byte, to see an excess),
+                # so a trickling source cannot hold one read past the deadline.
+                chunk = stream.read1(min(_CHUNK, size + 1 - done))
             except (OSError, http.client.HTTPException) as e:
-                raise CharrnnError(f"cannot download {name} from {source}: {_reason(e)} "
-                                   f"after {done:,} bytes; nothing was cached") from None
+                raise fail(f"{_reason(e)} after {done:,} bytes") from None
             if not chunk:
                 break
+            done += len(chunk)
+            if done > size:
+                raise fail(f"it sent more than the pinned {size:,} bytes")
             out.write(chunk)
             h.update(chunk)
-            done += len(chunk)
             if progress:
                 progress(done, total)
     # http.client returns b"" when the connection closes early, so check the length ourselves.
@@ -452,6 +478,8 @@ def _reason(e: BaseException) -> str:
 
 def _unzip(d: Download, archive: Path, dest: Path) -> str:
     """Stream zip member ``d.member`` of ``archive`` into ``dest``, returning its SHA-256."""
+    import zipfile
+
     h = hashlib.sha256()
     try:
         with zipfile.ZipFile(archive) as zf, zf.open(d.member) as src, open(dest, "wb") as out:

@@ -2,7 +2,7 @@
 
 A train step's temporaries are a few blocks per device that outgrow what a thread's malloc
 arena can hold (64 MiB), so glibc maps each afresh with ``mmap`` on every step and unmaps it on
-``free`` (``train._keep_freed_memory`` keeps every smaller block). In 4 KiB pages that is one
+``free`` (``runtime.keep_freed_memory`` keeps every smaller block). In 4 KiB pages that is one
 page fault, and the kernel zeroing the page, per 4 KiB written: an LSTM 2x512 at batch 64 on two
 CPU devices took ~65k faults per step (bf16) and ~58k (float32). With
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc asks for transparent huge pages
@@ -11,8 +11,8 @@ CPU devices took ~65k faults per step (bf16) and ~58k (float32). With
 peak RSS unchanged (675 -> 680 MB, 696 -> 693 MB).
 
 glibc reads its tunables once, when the process starts, so ``charrnn train`` re-executes
-itself with the tunable set (``rerun_env``) before doing anything else; a library user sets
-the variable before starting Python (``train`` logs the hint). Nothing happens where the C
+itself with the tunable set (``rerun_env``; ``runtime.rerun_with_huge_pages``) before doing
+anything else; a library user sets the variable before starting Python. Nothing happens where the C
 library is not glibc 2.35 or later, where the kernel's THP mode is not ``madvise`` (``always``
 already gives huge pages; ``never`` gives none), or where ``GLIBC_TUNABLES`` already says
 anything about ``glibc.malloc.hugetlb`` (``glibc.malloc.hugetlb=0`` turns this off).
@@ -82,21 +82,3 @@ def rerun_env(environ: Mapping[str, str] = os.environ, mode: Optional[str] = Non
     env = dict(environ)
     env["GLIBC_TUNABLES"] = ":".join(t for t in (environ.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1") if t)
     return env
-
-
-def rerun_with_huge_pages() -> None:
-    """Replace this process by itself with the tunable set, where ``rerun_env`` says it helps.
-
-    Returns (doing nothing) where it would not, or where the re-execution cannot start. The
-    process keeps its id, arguments, open files and working directory.
-    """
-    env = rerun_env()
-    if env is None:
-        return
-    argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, argv, env)
-    except OSError:
-        return

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from charrnn.config import ModelConfig
+from charrnn.config import GATES, ModelConfig
 from charrnn.errors import CharrnnError
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,10 @@ def auto_cpu_devices(batch_size: int, cores: Optional[int] = None) -> int:
     return 1
 
 
-_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-
-
 def step_weight_bytes(cell: str, layers: int, hidden: int, vocab_size: int) -> int:
     """Bytes of float32 weight matrices one sampling step multiplies by: every layer's ``w_hh``,
     the upper layers' ``w_ih`` (the first layer's is a row gather) and the output layer."""
-    g = _GATES[cell] * hidden
+    g = GATES[cell] * hidden
     return 4 * (layers * hidden * g + (layers - 1) * hidden * g + hidden * vocab_size)
 
 
@@ -147,23 +144,18 @@ def local_mesh(n: int) -> jax.sharding.Mesh:
 
 
 def use_cpu_devices(n: int) -> bool:
-    """Make JAX's CPU platform ``n`` devices. Must run before JAX initialises its backends.
+    """Make JAX's CPU platform ``n`` devices before its backends start (``runtime.use_cpu_devices``:
+    process tuning lives there; only the CLI calls it)."""
+    from charrnn import runtime
 
-    Returns False (and changes nothing) when ``XLA_FLAGS`` already forces a CPU device count or
-    the backends are already initialised; the devices JAX has are then used as they are.
-    """
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or backends_started():
-        return False
-    jax.config.update("jax_num_cpu_devices", int(n))
-    return True
+    return runtime.use_cpu_devices(n)
 
 
 def backends_started() -> bool:
-    """Whether JAX has initialised its backends: from then on the device count and XLA's
-    flags are fixed for the process."""
-    from jax._src import xla_bridge  # no public "are backends up?" query
+    """Whether JAX has initialised its backends (``runtime.backends_started``)."""
+    from charrnn import runtime
 
-    return xla_bridge.backends_are_initialized()
+    return runtime.backends_started()
 
 
 def data_mesh() -> jax.sharding.Mesh:

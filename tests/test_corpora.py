@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -18,9 +19,6 @@ import pytest
 from charrnn import corpora
 from charrnn.corpora import Download
 from charrnn.errors import CharrnnError
-
-SHAKESPEARE = Path("/work/shared/corpora/tinyshakespeare.txt")
-
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -33,16 +31,20 @@ class Server:
         self.root = root
         self.requests: list[str] = []
         self.truncate: set[str] = set()
+        self.custom: dict = {}  # name -> handler(request_handler): serves that file its own way
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append(self.path)
                 name = self.path.lstrip("/")
+                if name in server.custom:
+                    server.custom[name](self)
+                    return
                 if name in server.truncate:
                     body = (server.root / name).read_bytes()
                     self.send_response(200)
-                    self.send_header("Content-Length", str(len(body) + 1000))
+                    self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -98,7 +100,7 @@ def register(monkeypatch, data: bytes, *, name="tiny", filename="tiny.txt", sha2
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("network access")
-    monkeypatch.setattr(corpora.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 def listing(path: Path) -> list[str]:
@@ -166,6 +168,57 @@ def test_interrupt_during_download_cleans_up(served, cache, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         corpora.get("tiny", cache_dir=cache, mirror=served.url, progress=ctrl_c)
+    assert listing(cache) == []
+
+
+def _send(handler, body: bytes, length=None, pause: float = 0.0, piece: int = 0) -> None:
+    """Serve ``body`` with ``length`` as Content-Length (None: no header, the end is the close),
+    in pieces of ``piece`` bytes ``pause`` seconds apart (0: all at once)."""
+    handler.send_response(200)
+    if length is not None:
+        handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+    handler.close_connection = True
+    try:
+        for i in range(0, len(body), piece or len(body) or 1):
+            handler.wfile.write(body[i:i + (piece or len(body))])
+            handler.wfile.flush()
+            time.sleep(pause)
+    except OSError:  # the client gave up: that is the point
+        pass
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_source_sending_more_than_the_pinned_size_is_refused(served, cache, monkeypatch, announced):
+    data = b"z" * 4000
+    register(monkeypatch, data)
+    body = data + b"more and more" * 1000
+    served.custom["tiny.txt"] = lambda h: _send(h, body, len(body) if announced else None)
+    with pytest.raises(CharrnnError, match="pinned 4,000"):
+        corpora.get("tiny", cache_dir=cache, mirror=served.url)
+    assert listing(cache) == []
+
+
+def test_a_source_that_stops_sending_times_out(served, cache, monkeypatch):
+    data = b"s" * 4000
+    register(monkeypatch, data)
+    monkeypatch.setattr(corpora, "TIMEOUT_S", 0.5)
+    served.custom["tiny.txt"] = lambda h: _send(h, data, len(data), pause=3.0, piece=100)
+    with pytest.raises(CharrnnError, match="timed out after 100 bytes"):  # the first silence ends it
+        corpora.get("tiny", cache_dir=cache, mirror=served.url)
+    assert listing(cache) == []
+
+
+def test_a_trickling_source_hits_the_overall_deadline(served, cache, monkeypatch):
+    data = b"t" * 4000
+    register(monkeypatch, data)
+    # Every read returns within the per-read timeout; only the overall deadline can end this.
+    monkeypatch.setattr(corpora, "TIMEOUT_S", 5.0)
+    monkeypatch.setattr(corpora, "DEADLINE_S", 0.5)
+    monkeypatch.setattr(corpora, "MIN_RATE", 10**9)
+    served.custom["tiny.txt"] = lambda h: _send(h, data, len(data), pause=0.1, piece=10)
+    with pytest.raises(CharrnnError, match="too slow"):
+        corpora.get("tiny", cache_dir=cache, mirror=served.url)
     assert listing(cache) == []
 
 
@@ -339,11 +392,10 @@ def test_describe_lists_both_kinds_and_cache_state(tmp_path, cache, monkeypatch)
     assert rows["tiny"]["cached"] == str(path)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="no local copy of tinyshakespeare")
-def test_tinyshakespeare_through_a_local_mirror(cache, monkeypatch):
+def test_tinyshakespeare_through_a_local_mirror(cache, monkeypatch, shakespeare_path):
     no_network(monkeypatch)
-    assert sha(SHAKESPEARE.read_bytes()) == corpora.DOWNLOADS["tinyshakespeare"].sha256
-    corpora.get("tinyshakespeare", cache_dir=cache, mirror=str(SHAKESPEARE.parent))
+    assert sha(shakespeare_path.read_bytes()) == corpora.DOWNLOADS["tinyshakespeare"].sha256
+    corpora.get("tinyshakespeare", cache_dir=cache, mirror=str(shakespeare_path.parent))
     [(_, text)] = corpora.load("tinyshakespeare", cache_dir=cache)
     assert len(text) == 1_115_394 and text.startswith("First Citizen:")
 
@@ -366,3 +418,31 @@ def test_python_code_is_stdlib_py_files():
     assert len(files) > 500
     assert all(src.endswith(".py") for src, _ in files)
     assert all("site-packages" not in src for src, _ in files)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_charrnn_corpora_get_leaves_no_partial_file(served, cache):
+    import signal
+    import subprocess
+    import sys
+
+    # The real corpus name, served slowly: the command is still downloading when Ctrl-C comes.
+    body = b"First Citizen:\n" * 80_000  # ~1.2 MB, the size the registry pins
+    served.custom["tinyshakespeare.txt"] = lambda h: _send(h, body[:1_115_394], 1_115_394, pause=0.05,
+                                                           piece=4096)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.Popen([sys.executable, "-m", "charrnn", "corpora", "--cache-dir", str(cache), "get",
+                          "tinyshakespeare", "--mirror", served.url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(cache.glob(".tinyshakespeare.*")) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert any(cache.glob(".tinyshakespeare.*")), "the download did not start"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert listing(cache) == []

@@ -58,6 +58,7 @@ def test_only_train_re_runs():
     assert _command(["--help"]) is None
 
 
+@pytest.mark.slow
 def test_charrnn_train_runs_with_the_tunable_set(tmp_path):
     # A real `charrnn train` process: where the host allows it, the training code sees the
     # tunable in its own environment (the re-run happened: this test did not set it).
