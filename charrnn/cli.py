@@ -710,6 +710,8 @@ def info(run: str, checkpoint: str, as_json: bool) -> None:
          "best_checkpoint": best, "chars_seen": model.meta.get("chars_seen"),
          "checkpoints": [p.name for p in ckpt.list_checkpoints(model.run_dir)],
          "config": model.config.to_dict()}
+    if model.labels is not None:  # a labelled run: its labels and their training documents
+        d["labels"] = dict(zip(model.labels.names, model.labels.counts))
     if as_json:
         click.echo(json.dumps(d))
         return
@@ -724,6 +726,8 @@ def info(run: str, checkpoint: str, as_json: bool) -> None:
         click.echo(f"best val     {d['best_val_loss']:.4f} nats/char "
                    f"({d['best_val_loss'] / math.log(2):.4f} bits/char) at step {d['best_step']}")
     click.echo(f"checkpoints  {', '.join(d['checkpoints'])}")
+    if "labels" in d:
+        click.echo(f"labels       {', '.join(f'{n} ({k} docs)' for n, k in d['labels'].items())}")
 
 
 @cli.group(invoke_without_command=True)
@@ -866,6 +870,8 @@ def export(run: str, checkpoint: str, onnx_path: Optional[str], html_path: Optio
 
         writers.append((outputs["html"], write_html))
     model = load(Path(run), checkpoint)
+    if model.labels is not None:
+        raise CharrnnError(f"{run} is a labelled run (--labels): exporting labelled runs is not supported yet")
     for path, write in writers:
         _write_atomically(path, lambda tmp: write(model, tmp))
         click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")

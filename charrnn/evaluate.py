@@ -31,30 +31,49 @@ def weighted_nll(logits_BxTxV, targets_BxT, weight_BxT):
     return jnp.sum(nll_BxT * weight_BxT), jnp.sum(weight_BxT)
 
 
-def make_eval_fn(graphdef, dtype_name: str = "float32"):
-    """Build ``eval_chunk(params, carry, x_KxBxT, y_KxBxT, w_KxBxT) -> (carry, nll_sum, count)``."""
+def make_eval_fn(graphdef, dtype_name: str = "float32", num_labels: int = 0):
+    """Build ``eval_chunk(params, carry, x_KxBxT, y_KxBxT, w_KxBxT) -> (carry, nll_sum, count)``.
+
+    A labelled model's (``num_labels`` > 0) takes the inputs' labels ``l_KxBxT`` too and
+    returns the sums per label, ``(num_labels,)`` each."""
     dtype = compute_dtype(dtype_name)
 
     @jax.jit
-    def eval_chunk(params, carry, x_KxBxT, y_KxBxT, w_KxBxT):
+    def eval_chunk(params, carry, x_KxBxT, y_KxBxT, w_KxBxT, l_KxBxT=None):
         model = nnx.merge(graphdef, params)
 
         def body(c, window):
-            x, y, w = window
-            c, logits = model(c, x, dtype=dtype)
-            total, count = weighted_nll(logits, y, w)
-            return c, (total, count)
+            x, y, w, lab = window
+            c, logits = model(c, x, lab, dtype=dtype)
+            if lab is None:
+                return c, weighted_nll(logits, y, w)
+            nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, y) * w
+            ids = jnp.clip(lab, 0, num_labels - 1).reshape(-1)  # padding (weight 0) may hold any id
+            return c, (jax.ops.segment_sum(nll_BxT.reshape(-1), ids, num_labels),
+                       jax.ops.segment_sum(w.reshape(-1), ids, num_labels))
 
-        carry, (totals, counts) = jax.lax.scan(body, carry, (x_KxBxT, y_KxBxT, w_KxBxT))
-        return carry, jnp.sum(totals), jnp.sum(counts)
+        carry, (totals, counts) = jax.lax.scan(body, carry, (x_KxBxT, y_KxBxT, w_KxBxT, l_KxBxT))
+        return carry, jnp.sum(totals, axis=0), jnp.sum(counts, axis=0)
 
     return eval_chunk
 
 
+def _losses(total: float, count: float) -> dict:
+    if count == 0:
+        return {"nats": float("nan"), "bits": float("nan"), "chars": 0}
+    nats = total / count
+    return {"nats": nats, "bits": nats / math.log(2), "chars": int(count)}
+
+
 def evaluate_stream(model_graphdef, params, initial_carry_fn, stream: np.ndarray, *, num_streams: int,
                     seq_len: int, eval_fn=None, warmup: int = EVAL_WARMUP,
-                    should_stop: Optional[Callable[[], Optional[str]]] = None) -> Optional[dict[str, float]]:
+                    should_stop: Optional[Callable[[], Optional[str]]] = None,
+                    labels: Optional[np.ndarray] = None, num_labels: int = 0) -> Optional[dict[str, float]]:
     """Mean loss over every scored target of ``stream`` (nats and bits per character).
+
+    A labelled model reads ``labels`` (the label of every token of ``stream``; ``eval_fn`` from
+    ``make_eval_fn(..., num_labels)``) and the result adds ``"by_label"``: the loss of each
+    label's characters, a list indexed by label id.
 
     The stream is read as ``num_streams`` contiguous rows with the state carried across windows,
     each row first reading (unscored) the ``warmup`` characters before it, so every character
@@ -63,23 +82,32 @@ def evaluate_stream(model_graphdef, params, initial_carry_fn, stream: np.ndarray
     ``should_stop`` is polled between chunks (one chunk runs ahead of the host, so a stop comes
     within about one chunk's time); when it answers, the evaluation is abandoned: None.
     """
-    eval_fn = eval_fn or make_eval_fn(model_graphdef)
+    eval_fn = eval_fn or make_eval_fn(model_graphdef, num_labels=num_labels if labels is not None else 0)
     num_streams = max(1, min(num_streams, (len(stream) - 1) // max(seq_len, 1) or 1))
     carry = initial_carry_fn(num_streams)
-    total, count = 0.0, 0.0
     sums = []
-    for x, y, w in batches.eval_windows(stream, num_streams, seq_len, EVAL_CHUNK, warmup):
+    windows = batches.eval_windows(stream, num_streams, seq_len, EVAL_CHUNK, warmup)
+    # The label windows hold each input's label at the inputs' places (their targets unused).
+    label_windows = (batches.eval_windows(labels, num_streams, seq_len, EVAL_CHUNK, warmup)
+                     if labels is not None else None)
+    for x, y, w in windows:
         if should_stop is not None:
             if sums:
                 jax.block_until_ready(sums[-1])  # at most one chunk queued behind the host
             if should_stop() is not None:
                 return None
-        carry, t, c = eval_fn(params, carry, x, y, w)
+        if label_windows is None:
+            carry, t, c = eval_fn(params, carry, x, y, w)
+        else:
+            carry, t, c = eval_fn(params, carry, x, y, w, next(label_windows)[0])
         sums.append((t, c))
+    total, count = 0.0, 0.0
     for t, c in jax.device_get(sums):
-        total += float(t)
-        count += float(c)
-    if count == 0:
-        return {"nats": float("nan"), "bits": float("nan"), "chars": 0}
-    nats = total / count
-    return {"nats": nats, "bits": nats / math.log(2), "chars": int(count)}
+        total += np.asarray(t, np.float64)
+        count += np.asarray(c, np.float64)
+    if labels is None:
+        return _losses(float(total), float(count))
+    out = _losses(float(np.sum(total)), float(np.sum(count)))
+    out["by_label"] = [_losses(float(t), float(c)) for t, c in np.broadcast_to(np.stack([total, count], -1),
+                                                                                (num_labels, 2))]
+    return out

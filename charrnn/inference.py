@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from charrnn import beam as beam_mod
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
+from charrnn import labels as labels_mod
 from charrnn import parallel
 from charrnn import runs
 from charrnn import sample as sampler
@@ -34,11 +35,13 @@ log = logging.getLogger(__name__)
 class Sample:
     """One generated text (prime included) and why it ended: ``finish`` is ``"end"`` (the end
     token), ``"stop"`` (a stop string, not included) or ``"length"`` (the length limit);
-    ``ended`` is ``finish != "length"``."""
+    ``ended`` is ``finish != "length"``. ``label``: what a labelled run's sample was written
+    in (a label, or the ``--label`` mix asked for); None for an unlabelled run."""
 
     text: str
     ended: bool
     finish: str = "length"
+    label: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -59,23 +62,27 @@ class Run:
         vocab: its ``Vocab``.
         checkpoint: the checkpoint directory the parameters came from.
         meta: that checkpoint's metadata (step, losses, data position).
+        labels: a labelled run's ``charrnn.labels.LabelVocab`` (None for an unlabelled run).
     """
 
     def __init__(self, run_dir: Path, config: RunConfig, vocab: Vocab, checkpoint: Path, params, meta: dict,
-                 model=None):
+                 model=None, labels: Optional[labels_mod.LabelVocab] = None):
         self.run_dir = run_dir
         self.config = config
         self.vocab = vocab
+        self.labels = labels
         self.checkpoint = checkpoint
         self.meta = meta
         self.params = params
         # ``model``: the shape-only model where the caller already built it (``load`` does:
         # tracing it costs ~0.1 s before the first character).
-        self.model = model if model is not None else abstract_model(config.model, vocab.size)
+        self.model = model if model is not None else abstract_model(config.model, vocab.size,
+                                                                    labels.size if labels else 0)
         self.graphdef, _ = nnx.split(self.model)
         self._dtype = compute_dtype("float32")
         self._samplers = {}  # (device count, penalties) -> (prime, generate, replicated params)
         self._eval_fn = None
+        self.last_labels: list = []  # each sample's label in the last ``sample``/``stream`` call
 
     @property
     def step(self) -> int:
@@ -101,8 +108,8 @@ class Run:
         (``penalties``: the program that counts characters; without, exactly the plain one)."""
         if (devices, penalties) not in self._samplers:
             mesh = parallel.local_mesh(devices) if devices > 1 else None
-            prime, generate = sampler.make_sampler(sampler.model_step_fn(self.graphdef, self._dtype), mesh=mesh,
-                                                   penalties=penalties)
+            step_fn = sampler.model_step_fn(self.graphdef, self._dtype, labelled=self.labels is not None)
+            prime, generate = sampler.make_sampler(step_fn, mesh=mesh, penalties=penalties)
             params = self.params if mesh is None else jax.device_put(self.params, NamedSharding(mesh, P()))
             self._samplers[devices, penalties] = (prime, generate, params)
         return self._samplers[devices, penalties]
@@ -112,6 +119,20 @@ class Run:
         eager ``jnp.zeros`` would compile a small program per shape before the first character)."""
         shapes = jax.eval_shape(lambda: self.model.initial_carry(rows))
         return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+    def _start_state(self, rows: int, label_weights_NxL=None):
+        """The sampler's per-row state: zeros, and for a labelled run each row's label term
+        (``CharRNN.label_term`` of its label mix) beside them."""
+        if self.labels is None:
+            return self._zero_carry(rows)
+        term = nnx.merge(self.graphdef, self.params).label_term(np.asarray(label_weights_NxL, np.float32))
+        return np.asarray(term), self._zero_carry(rows)
+
+    def sample_labels(self, label: Optional[str], rows: int, seed: Optional[int]):
+        """``(label_weights_NxL, names)`` of ``rows`` samples (``labels.row_labels``): ``label``
+        for every row, or on a labelled run without one a label per row drawn in the training
+        proportions; ``CharrnnError`` for an unknown label, naming the known ones."""
+        return labels_mod.row_labels(self.labels, label, rows, seed)
 
     def check_prime(self, prime: str) -> np.ndarray:
         """Ids of the prime text; ``CharrnnError`` naming any character the model never saw."""
@@ -137,16 +158,17 @@ class Run:
         """``stream``'s pieces with each sample's finish reason (``None`` while it runs)."""
         n = config.num_samples
         prime_ids = self.check_prime(config.prime)
+        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little")
+        label_weights, self.last_labels = self.sample_labels(config.label, n, seed)
         devices = self.sampling_devices(n)
         log.info("sampling %d rows on %d device(s)", n, devices)
         prime, generate, params = self._sampler_fns(devices, config.penalties)
-        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little")
         controls = sampler.make_controls(self.vocab.size, config.temperature, config.top_k, config.top_p,
                                          config.greedy, config.presence_penalty, config.frequency_penalty,
                                          config.repetition_penalty, rows=n)
         prompt = sampler.prompt_tokens(prime_ids, n)
         counts = sampler.prompt_counts(prompt, self.vocab.size) if config.penalties and config.penalize_prime else None
-        carry = (params, self._zero_carry(n))
+        carry = (params, self._start_state(n, label_weights))
         finish: list[Optional[str]] = [None] * n
         stops = [sampler.StopMatcher(config.stop) for _ in range(n)]
         yield [config.prime] * n, list(finish)
@@ -178,23 +200,29 @@ class Run:
         finish: list[Optional[str]] = [None] * config.num_samples
         for pieces, finish in self._stream(config):
             texts = [t + p for t, p in zip(texts, pieces)]
-        return [Sample(t, f is not None and f != "length", f or "length") for t, f in zip(texts, finish)]
+        return [Sample(t, f is not None and f != "length", f or "length", label)
+                for t, f, label in zip(texts, finish, self.last_labels)]
 
     def beam_search(self, prime: str = "", beam: int = 5, length: int = 100,
-                    length_penalty: float = 0.0) -> list["BeamResult"]:
+                    length_penalty: float = 0.0, label: Optional[str] = None) -> list["BeamResult"]:
         """The ``beam`` most probable continuations of ``prime``, best first.
 
         Ranked by total log-probability divided by ``generated_length ** length_penalty``
         (0: no normalisation). Each stops at the end token or after ``length`` characters.
+        ``label``: a labelled run's label or mix (default: its most frequent training label).
         """
         if beam < 1:
             raise CharrnnError(f"--beam must be at least 1, not {beam}")
         if length < 1:
             raise CharrnnError(f"--length must be at least 1, not {length}")
         prime_ids = self.check_prime(prime)
-        primed = self._sampler_fns()[0]((self.params, self._zero_carry(1)), sampler.prompt_tokens(prime_ids, 1),
-                                        sampler.row_keys(0, 1))
-        search = beam_mod.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype), beam, length)
+        if self.labels is not None and label is None:
+            label = self.labels.names[int(np.argmax(self.labels.counts))]
+        weights, _ = self.sample_labels(label, 1, 0)
+        primed = self._sampler_fns()[0]((self.params, self._start_state(1, weights)),
+                                        sampler.prompt_tokens(prime_ids, 1), sampler.row_keys(0, 1))
+        search = beam_mod.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype,
+                                                                 labelled=self.labels is not None), beam, length)
         result = jax.device_get(search((self.params, primed.carry[1]), primed.logits_BxV))
         out = []
         for i in beam_mod.rank_beams(result, length_penalty):
@@ -227,6 +255,9 @@ class Run:
             ``{"nats": ..., "bits": ..., "perplexity": ..., "chars": scored characters}``.
         """
         check_argument("Run.evaluate", "text", text, (str,))
+        if self.labels is not None:
+            raise CharrnnError("this run was trained on labelled text: evaluate labelled text "
+                               "(Run.evaluate_labelled; charrnn eval reads it in the run's --labels format)")
         docs = data_mod.split_documents(text, self.config.data.docs)
         if not docs:
             raise CharrnnError("the text to evaluate is empty")
@@ -241,6 +272,33 @@ class Run:
         out = evaluate_stream(self.graphdef, self.params, self.model.initial_carry, stream,
                               num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=self._eval_fn)
         out["perplexity"] = math.exp(out["nats"]) if out["chars"] else float("nan")
+        return out
+
+    def evaluate_labelled(self, path) -> dict:
+        """Loss of a labelled run's model on the labelled text at ``path`` (a file or directory
+        in the run's ``--labels`` format, split into documents as the run was trained): as
+        ``evaluate``, plus ``"labels"``: ``{label: {"nats", "bits", "perplexity", "chars"}}``
+        for every label of the run that the text has."""
+        if self.labels is None:
+            raise CharrnnError("this run was trained without labels: evaluate plain text")
+        data = self.config.data
+        docs = labels_mod.read_labelled(str(path), data.labels, data.docs, data.encoding)
+        ids = docs.ids_in(self.labels, str(path))
+        missing = self.vocab.unknown("".join(docs.texts))
+        if missing:
+            raise CharrnnError(f"the text has {len(missing)} character(s) not in the vocabulary: "
+                               f"{describe_chars(missing)}")
+        stream = data_mod.encode_corpus(docs.corpus(), "file", self.vocab).stream
+        if self._eval_fn is None:
+            self._eval_fn = make_eval_fn(self.graphdef, num_labels=self.labels.size)
+        cfg = self.config.train
+        out = evaluate_stream(self.graphdef, self.params, self.model.initial_carry, stream,
+                              num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=self._eval_fn,
+                              labels=docs.stream(ids), num_labels=self.labels.size)
+        for d in (out, *out["by_label"]):
+            d["perplexity"] = math.exp(d["nats"]) if d["chars"] else float("nan")
+        by_label = out.pop("by_label")
+        out["labels"] = {name: d for name, d in zip(self.labels.names, by_label) if d["chars"]}
         return out
 
 
@@ -260,9 +318,10 @@ def load(run, checkpoint: str = "best") -> Run:
     path = Path(run)
     run_dir = ckpt.resolve(path, checkpoint).parent
     config, vocab = runs.read_run_files(run_dir)
-    model = abstract_model(config.model, vocab.size)
+    labels = labels_mod.read_vocab(run_dir, config)
+    model = abstract_model(config.model, vocab.size, labels.size if labels else 0)
     _, params_template = split_model(model)
     ck_dir, params, meta = ckpt.read_params(path, checkpoint, params_template)
     # device_put, not jnp.asarray: the latter compiles an XLA copy per array shape (~10 ms each).
     params = jax.tree_util.tree_map(jax.device_put, params)
-    return Run(run_dir, config, vocab, ck_dir, params, meta, model=model)
+    return Run(run_dir, config, vocab, ck_dir, params, meta, model=model, labels=labels)

@@ -65,7 +65,7 @@ def read_run_files(run_dir: Path) -> tuple[RunConfig, Vocab]:
 def config_differences(saved: RunConfig, asked: RunConfig) -> list[str]:
     """Field-by-field differences that make a checkpoint unusable for ``asked``."""
     diffs = []
-    for section, fields in (("model", None), ("data", ("docs", "encoding", "val_frac")),
+    for section, fields in (("model", None), ("data", ("docs", "encoding", "val_frac", "labels")),
                             ("train", ("batch_size", "seq_len", "optimizer"))):
         a, b = getattr(saved, section), getattr(asked, section)
         for f in fields or a.__dataclass_fields__:

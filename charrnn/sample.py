@@ -365,14 +365,21 @@ def _reset_rows(step_fn: StepFn, inner, reset_B):
 
     Applies to ``model_step_fn``'s per-row state, and to a plain ``step_fn`` whose whole carry
     is per-row (``step_fn.row_carry = True``); other plain carries are left to the step_fn."""
+    if hasattr(step_fn, "reset_rows"):  # a state with parts a start token keeps (a label term)
+        return step_fn.reset_rows(inner, reset_B)
     if not (hasattr(step_fn, "prepare") or getattr(step_fn, "row_carry", False)):
         return inner
+    return zero_rows(inner, reset_B)
+
+
+def zero_rows(tree, reset_B):
+    """Every leaf of ``tree`` with the rows where ``reset_B`` is set replaced by zeros."""
 
     def reset(x):
         mask = reset_B.reshape(reset_B.shape + (1,) * (x.ndim - 1))
         return jnp.where(mask, jnp.zeros_like(x), x)
 
-    return jax.tree_util.tree_map(reset, inner)
+    return jax.tree_util.tree_map(reset, tree)
 
 
 def loop_step(step_fn: StepFn, carry, alone: bool = False):
@@ -518,7 +525,7 @@ class StopMatcher:
         return out
 
 
-def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
+def model_step_fn(graphdef, dtype=jnp.float32, labelled: bool = False) -> StepFn:
     """A ``step_fn`` for a Flax model whose parameters ride in the carry as ``(params, state)``.
 
     The parameters are then an input of the compiled sampler, not constants baked into it, so
@@ -527,11 +534,20 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
     ``CharRNN.step_weights``, on ``parallel.sampling_threads`` threads where the sampler runs
     alone on one device) and run ``prepared`` inside; called directly, ``step_fn`` is
     ``CharRNN.step``.
+
+    ``labelled``: a labelled model's state is ``(label_term_BxG, carry)``: each row's label
+    term (``CharRNN.label_term``) rides with its state, split with its rows, and a start token
+    zeroes only ``carry``.
     """
 
     def step_fn(carry, token_B):
         params, state = carry
-        state, logits_BxV = nnx.merge(graphdef, params).step(state, token_B, dtype)
+        model = nnx.merge(graphdef, params)
+        if labelled:
+            term, inner = state
+            inner, logits_BxV = model.step_with(model.step_weights(dtype), inner, token_B, dtype, term)
+            return (params, (term, inner)), logits_BxV
+        state, logits_BxV = model.step(state, token_B, dtype)
         return (params, state), logits_BxV
 
     def prepare(params, alone: bool = False, rows: int = 1):
@@ -545,10 +561,17 @@ def model_step_fn(graphdef, dtype=jnp.float32) -> StepFn:
 
     def prepared(params, weights, state, token_B):
         # step_with reads only ``weights``; the merged module supplies the structure.
-        return nnx.merge(graphdef, params).step_with(weights, state, token_B, dtype)
+        model = nnx.merge(graphdef, params)
+        if labelled:
+            term, inner = state
+            inner, logits_BxV = model.step_with(weights, inner, token_B, dtype, term)
+            return (term, inner), logits_BxV
+        return model.step_with(weights, state, token_B, dtype)
 
     step_fn.prepare = prepare
     step_fn.prepared = prepared
+    if labelled:
+        step_fn.reset_rows = lambda state, reset_B: (state[0], zero_rows(state[1], reset_B))
     return step_fn
 
 

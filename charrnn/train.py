@@ -20,6 +20,7 @@ from charrnn import batches as batches_mod
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
 from charrnn import inference, parallel, runs
+from charrnn import labels as labels_mod
 from charrnn import sample as sample_mod
 from charrnn.config import DEFAULT_EPOCHS, RunConfig, TrainConfig, check_argument
 from charrnn.errors import CharrnnError
@@ -62,10 +63,19 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> Optional[int]:
 
 
 def _load_corpus(corpus, config: RunConfig):
-    """The corpus and the vocabulary of its characters (a first streaming pass)."""
+    """The corpus, the vocabulary of its characters (a first streaming pass) and, for a labelled
+    run, its documents with their labels (``charrnn.labels``; the corpus is then those
+    documents in stream order, one per entry, read with ``docs="file"``)."""
+    if labels_mod.labelled(config):
+        if isinstance(corpus, data_mod.Corpus):
+            raise CharrnnError(f"--labels {config.data.labels} reads a path, not a loaded corpus")
+        docs = labels_mod.read_labelled(str(corpus), config.data.labels, config.data.docs, config.data.encoding)
+        corp = docs.corpus()
+        vocab, num_tokens = data_mod.corpus_vocab(corp, "file")
+        return corp, vocab, num_tokens, docs
     corp = corpus if isinstance(corpus, data_mod.Corpus) else data_mod.load_corpus(str(corpus), config.data.encoding)
     vocab, num_tokens = data_mod.corpus_vocab(corp, config.data.docs)
-    return corp, vocab, num_tokens
+    return corp, vocab, num_tokens, None
 
 
 # --- 1. prepare the run: every check that can refuse it, before anything is written -------
@@ -82,6 +92,7 @@ class RunPlan:
     overwrite: bool
     source: Optional[inference.Run]  # the run fine-tuned from (``init_from``)
     end_step: Optional[int]
+    labelled: Optional[labels_mod.LabelledDocuments] = None  # a labelled run's documents
 
 
 def plan_run(corpus, config: Optional[RunConfig], out: Optional[Path], *, resume: bool = False,
@@ -103,15 +114,21 @@ def plan_run(corpus, config: Optional[RunConfig], out: Optional[Path], *, resume
         diffs = runs.config_differences(saved, config)
         if diffs:
             raise CharrnnError(f"cannot resume {run_dir}: settings differ from the run's: " + "; ".join(diffs))
-        corp, corpus_vocab, num_tokens = _load_corpus(corpus, config)
+        corp, corpus_vocab, num_tokens, docs = _load_corpus(corpus, config)
         missing = runs.vocab_difference(vocab, corpus_vocab.chars)
         if missing:
             raise CharrnnError(f"cannot resume {run_dir} on {corp.name}: {missing}")
+        saved_labels = labels_mod.read_vocab(run_dir, saved)
+        if docs is not None and saved_labels.names != docs.names:
+            raise CharrnnError(f"cannot resume {run_dir} on {corp.name}: its labels differ from the run's "
+                               f"({', '.join(docs.names)} against {', '.join(saved_labels.names)})")
     else:
-        corp, vocab, num_tokens = _load_corpus(corpus, config)
+        corp, vocab, num_tokens, docs = _load_corpus(corpus, config)
         run_dir = Path(out) if out is not None else Path("checkpoints") / corp.name
         _recover_replaced(run_dir)
         runs.check_out_dir(run_dir, resume=False, overwrite=overwrite)
+        if init_from is not None and docs is not None:
+            raise CharrnnError("--init-from does not take --labels yet: train a labelled run from scratch")
         if init_from is not None:
             source = inference.load(Path(init_from), "best")
             config = replace(config, model=replace(source.config.model, dropout=config.model.dropout))
@@ -122,7 +139,7 @@ def plan_run(corpus, config: Optional[RunConfig], out: Optional[Path], *, resume
     _, steps_per_epoch = batches_mod.StreamBatches.layout(num_tokens - n_val, cfg.batch_size, cfg.seq_len)
     end_step = total_steps(cfg, steps_per_epoch)
     lr_schedule(cfg, end_step)  # refuses a decay that needs a known length
-    return RunPlan(run_dir, config, vocab, corp, resume, overwrite, source, end_step)
+    return RunPlan(run_dir, config, vocab, corp, resume, overwrite, source, end_step, docs)
 
 
 def _recover_replaced(run_dir: Path) -> None:
@@ -207,14 +224,25 @@ class Trainer:
     def build(self) -> None:
         plan, cfg, dp = self.plan, self.cfg, self.dp
         tokens_file = runs.TOKENS_FILE if self.main else f"tokens-p{jax.process_index()}.npy"
-        encoded = data_mod.encode_corpus(plan.corpus, plan.config.data.docs, plan.vocab, self.run_dir / tokens_file)
+        docs_mode = "file" if plan.labelled is not None else plan.config.data.docs  # labelled: documents already split
+        encoded = data_mod.encode_corpus(plan.corpus, docs_mode, plan.vocab, self.run_dir / tokens_file)
         self.fingerprint = encoded.sha256
         train_stream, self.val_stream = batches_mod.split_train_val(encoded.stream, plan.config.data.val_frac)
         self.batches = batches_mod.StreamBatches(train_stream, cfg.batch_size, cfg.seq_len)
+        # A labelled run: the label of every token beside tokens.npy, read in the same layout.
+        self.label_vocab = self.label_batches = self.val_labels = None
+        if plan.labelled is not None:
+            label_stream = plan.labelled.stream()
+            if self.main:
+                labels_mod.save_stream(self.run_dir / labels_mod.STREAM_FILE, label_stream)
+            train_labels, self.val_labels = batches_mod.split_train_val(label_stream, plan.config.data.val_frac)
+            self.label_batches = batches_mod.StreamBatches(train_labels, cfg.batch_size, cfg.seq_len)
+            self.label_vocab = plan.labelled.vocab(len(train_stream))
+        num_labels = self.label_vocab.size if self.label_vocab is not None else 0
         self.schedule = lr_schedule(cfg, plan.end_step)
         optimizer = make_optimizer(cfg, self.schedule)
         self.keys = run_keys(cfg.seed)
-        self.model = build_model(plan.config.model, plan.vocab.size, self.keys["init"])
+        self.model = build_model(plan.config.model, plan.vocab.size, self.keys["init"], num_labels)
         if plan.source is not None:
             fresh = split_model(self.model)[1]
             nnx.update(self.model, nnx.State(ckpt.transplant(plan.source.params, fresh, plan.source.vocab.size)))
@@ -224,14 +252,16 @@ class Trainer:
             state, carry = self._restore(state, carry)
         if self.main:
             runs.write_run_files(self.run_dir, plan.config, plan.vocab)
+            if self.label_vocab is not None:
+                labels_mod.write_vocab(self.run_dir, self.label_vocab)
         self.state = dp.replicate(state)
         self.carry = dp.shard_rows(dp.local_part(carry))
         self.step = int(state.step)
-        self.step_fn = make_train_step(self.graphdef, optimizer, cfg)
+        self.step_fn = make_train_step(self.graphdef, optimizer, cfg, labelled=num_labels > 0)
         # Parameters ride in the sampler's carry so one compiled sampler serves every step.
-        self.sample_fns = (sample_mod.make_sampler(sample_mod.model_step_fn(self.graphdef))
+        self.sample_fns = (sample_mod.make_sampler(sample_mod.model_step_fn(self.graphdef, labelled=num_labels > 0))
                            if cfg.sample_every else None)
-        self.eval_fn = make_eval_fn(self.graphdef, cfg.dtype)
+        self.eval_fn = make_eval_fn(self.graphdef, cfg.dtype, num_labels)
         self.have_val = len(self.val_stream) >= 2
         # A resumed run's starting point is already evaluated and saved: never rewrite it.
         self.evaluated_at = self.saved_at = self.step if plan.resume else None
@@ -291,9 +321,12 @@ class Trainer:
         return None
 
     def _train_step(self) -> None:
-        x_BxT, y_BxT = self.dp.shard_rows(self.batches.batch(self.step, self.dp.local_rows))
+        parts = self.batches.batch(self.step, self.dp.local_rows)
+        if self.label_batches is not None:  # each input's label
+            parts += self.label_batches.batch(self.step, self.dp.local_rows)[:1]
+        parts = self.dp.shard_rows(parts)
         reset = np.bool_(self.batches.starts_epoch(self.step))
-        self.state, self.carry, metrics = self.step_fn(self.state, self.carry, (x_BxT, y_BxT, reset))
+        self.state, self.carry, metrics = self.step_fn(self.state, self.carry, (*parts[:2], reset, *parts[2:]))
         self.step += 1
         self._flush()
         self.pending = (self.step, metrics)
@@ -366,7 +399,8 @@ class Trainer:
         p = self.progress
         val = evaluate_stream(self.graphdef, self.dp.local_copy(self.state.params), self.model.initial_carry,
                               self.val_stream, num_streams=self.cfg.batch_size, seq_len=self.cfg.seq_len,
-                              eval_fn=self.eval_fn, should_stop=self.should_stop)
+                              eval_fn=self.eval_fn, should_stop=self.should_stop, labels=self.val_labels,
+                              num_labels=self.label_vocab.size if self.label_vocab is not None else 0)
         if self.dp.any(val is None):
             self.abort = self.should_stop() or "stopped by another process"
             return None
@@ -378,22 +412,33 @@ class Trainer:
             p.best_val, p.best_step, p.evals_since_best = val["nats"], self.step, 0
         else:
             p.evals_since_best += 1
+        by_label = val.pop("by_label", None)
         if math.isfinite(val["nats"]):
             p.last_val = val
         record = {"event": "eval", "step": self.step, "chars": self.step * self.batches.chars_per_step,
                   "val_loss": val["nats"], "val_bits": val["bits"], "best": improved,
                   "elapsed_s": round(time.monotonic() - self.t_start, 3)}
+        if by_label is not None:  # each label's validation loss beside the overall one
+            record["val_loss_by_label"] = {n: d["nats"] for n, d in zip(self.label_vocab.names, by_label)
+                                           if d["chars"]}
         self._record(record)
         return record
 
     def show_sample(self) -> None:
         controls = sample_mod.make_controls(self.plan.vocab.size, 1.0)
         prompt = sample_mod.prompt_tokens(np.zeros(0, np.int32), 1)
+        params = self.dp.local_copy(self.state.params)
+        state, extra = self.model.initial_carry(1), {}
+        if self.label_vocab is not None:  # the same label at every sample: the most frequent one
+            label = int(np.argmax(self.label_vocab.counts))
+            weights = np.eye(self.label_vocab.size, dtype=np.float32)[[label]]
+            state = (nnx.merge(self.graphdef, params).label_term(weights), state)
+            extra = {"label": self.label_vocab.names[label]}
         toks = np.concatenate(list(sample_mod.generate_stream(
-            *self.sample_fns, (self.dp.local_copy(self.state.params), self.model.initial_carry(1)), prompt,
+            *self.sample_fns, (params, state), prompt,
             self.keys["sample"], controls, self.cfg.sample_length)), axis=1)[0]
         text = self.plan.vocab.decode(sample_mod.cut_at_end(toks)[0])
-        self._record({"event": "sample", "step": self.step, "text": text})
+        self._record({"event": "sample", "step": self.step, "text": text, **extra})
 
     def save(self, best: bool) -> None:
         """Commit the state as checkpoint ``ckpt-<step>``, move ``latest`` (and ``best``) to it."""

@@ -86,10 +86,11 @@ def _reset_where(carry, reset):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig,
-                    *, jit: bool = True):
+                    *, jit: bool = True, labelled: bool = False):
     """Build ``train_step(state, carry, batch) -> (state, carry, metrics)``.
 
-    ``batch`` is ``(x_BxT, y_BxT, reset)``; ``reset`` zeroes the carried state first (epoch
+    ``batch`` is ``(x_BxT, y_BxT, reset)``, for a ``labelled`` model ``(x_BxT, y_BxT, reset,
+    labels_BxT)`` (each input's label); ``reset`` zeroes the carried state first (epoch
     start). The loss is the mean cross-entropy in nats over the targets that are characters or
     the end token (a start token always follows an end token, so it is not scored). A step whose
     loss, gradient or new parameters are not finite changes nothing but the bad-step counter, and
@@ -107,14 +108,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     mesh = parallel.data_mesh()
     split = mesh.size > 1
 
-    def loss_fn(params, carry, x_BxT, y_BxT, key, rows):
+    def loss_fn(params, carry, x_BxT, y_BxT, key, rows, labels_BxT):
         model = nnx.merge(graphdef, params)
-        carry, logits_BxTxV = model(carry, x_BxT, dropout_key=key, dtype=dtype, dropout_rows=rows)
+        carry, logits_BxTxV = model(carry, x_BxT, labels_BxT, dropout_key=key, dtype=dtype, dropout_rows=rows)
         total, _ = weighted_nll(logits_BxTxV, y_BxT, (y_BxT != START).astype(jnp.float32))
         return total, carry
 
     def train_step(state: TrainState, carry, batch):
-        x_BxT, y_BxT, reset = batch
+        x_BxT, y_BxT, reset = batch[:3]
+        labels_BxT = batch[3] if labelled else None
         carry = _reset_where(carry, reset)
         key = jax.random.fold_in(state.rng, state.step)
         count = jnp.sum((y_BxT != START).astype(jnp.float32))
@@ -125,7 +127,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
         # devices' sums are added: one all-reduce per step. (A psum of the count before the
         # forward pass made each device wait there for the other, whichever XLA ran first.)
         (total, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, carry, x_BxT, y_BxT, key, rows)
+            state.params, carry, x_BxT, y_BxT, key, rows, labels_BxT)
         if split:
             total, grads, count = jax.lax.psum((total, grads, count), parallel.AXIS)
         count = jnp.maximum(count, 1.0)
@@ -155,6 +157,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
         # check_vma=False: the replicated outputs (state, metrics) are computed from psum'd
         # values, so they are equal on every device; the check cannot see through the
         # cells' custom_vjp.
-        train_step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), rows_spec, (rows_spec, rows_spec, P())),
+        batch_spec = (rows_spec, rows_spec, P()) + ((rows_spec,) if labelled else ())
+        train_step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), rows_spec, batch_spec),
                                    out_specs=(P(), rows_spec, P()), check_vma=False)
     return jax.jit(train_step, donate_argnums=(0, 1)) if jit else train_step

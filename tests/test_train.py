@@ -424,12 +424,12 @@ def test_memorizes_a_tiny_corpus(tmp_path):
     run = charrnn.load(tmp_path / "run")
     assert run.vocab.size == V and run.step == 300
     [sample] = run.sample(greedy=True, length=100, seed=0)
-    assert sample == charrnn.Sample(SHORT_TEXT, True)
+    assert sample == charrnn.Sample(SHORT_TEXT, True, "end")
     # The prime is part of the text, and the model continues it.
     [primed] = run.sample(greedy=True, length=100, prime="north sea", seed=0)
-    assert primed == charrnn.Sample(SHORT_TEXT, True)
+    assert primed == charrnn.Sample(SHORT_TEXT, True, "end")
     [short] = run.sample(greedy=True, length=5, seed=0)
-    assert short == charrnn.Sample(SHORT_TEXT[:5], False)
+    assert short == charrnn.Sample(SHORT_TEXT[:5], False, "length")
     # Its loss on the text is low (31 characters and the end token are scored), reversed high.
     ev = run.evaluate(SHORT_TEXT)
     assert ev["chars"] == 32 and ev["nats"] < 0.3 and ev["perplexity"] == pytest.approx(math.exp(ev["nats"]))
@@ -457,7 +457,7 @@ def test_line_documents_end_at_the_end_token(tmp_path):
     run = charrnn.load(tmp_path / "run")
     assert "\r" not in run.vocab.chars and "\n" not in run.vocab.chars
     greedy = run.sample(greedy=True, length=30, num_samples=8, seed=0)
-    assert greedy == [charrnn.Sample("emma", True)] * 8  # the most frequent name
+    assert greedy == [charrnn.Sample("emma", True, "end")] * 8  # the most frequent name
     samples = run.sample(length=30, num_samples=8, temperature=0.7, seed=0)
     assert all(s.ended and 0 < len(s.text) < 30 for s in samples)
     assert sum(s.text in NAMES for s in samples) >= 5

@@ -35,17 +35,20 @@ def sampling_backend(dtype) -> str:
     return "step_kernel" if dtype == jnp.float32 and step_kernel.enabled() else "xla"
 
 
-def layer(kind: str, p, carry, x, keep_TxBx1, one_hot: bool, dtype=jnp.float32):
+def layer(kind: str, p, carry, x, keep_TxBx1, one_hot: bool, dtype=jnp.float32, extra_TxBxG=None):
     """One layer over a window, as ``charrnn.cells.layer`` defines it: ``(final_carry, h_TxBxH)``.
 
     ``p``: the layer's parameters (``w_ih``, ``w_hh``, ``b_ih``, the GRU's ``b_hh``); ``x``: token
     ids ``(T, B)`` when ``one_hot``, else the layer below's ``(T, B, I)`` output; ``keep_TxBx1``: 0
-    where the state is zeroed before the step.
+    where the state is zeroed before the step. ``extra_TxBxG``: a further part of the input
+    projection added to ``x @ w_ih`` (a labelled model's label term: the rest of the input
+    vector's rows of ``w_ih``); None leaves the program as it was.
     """
     if training_backend(kind, dtype) == "lstm_window":
         xw = jnp.take(p["w_ih"], x, axis=0) if one_hot else matmul(x, p["w_ih"], dtype)
+        xw = xw if extra_TxBxG is None else xw + extra_TxBxG
         return lstm_window.layer(p["w_hh"], p["b_ih"], tuple(carry), xw, keep_TxBx1, dtype=dtype)
-    return xla.layer(kind, p, carry, x, keep_TxBx1, one_hot, dtype)
+    return xla.layer(kind, p, carry, x, keep_TxBx1, one_hot, dtype, extra_TxBxG)
 
 
 def dense(x, w, b, dtype=jnp.float32):
@@ -62,8 +65,9 @@ def prepare_step(kind: str, cells: list, w_out, b_out, dtype=jnp.float32, thread
     return xla.prepare_step(kind, cells, w_out, b_out, dtype)
 
 
-def step(kind: str, weights, carry, token_B, dtype=jnp.float32):
-    """One step of every layer and the output layer: ``(new_carry, logits_BxV)``. Never resets."""
+def step(kind: str, weights, carry, token_B, dtype=jnp.float32, extra_BxG=None):
+    """One step of every layer and the output layer: ``(new_carry, logits_BxV)``. Never resets.
+    ``extra_BxG``: a further part of the first layer's input projection (a label term), or None."""
     if sampling_backend(dtype) == "step_kernel":
-        return step_kernel.step(weights, carry, token_B)
-    return xla.step(kind, weights, carry, token_B, dtype)
+        return step_kernel.step(weights, carry, token_B, extra_BxG)
+    return xla.step(kind, weights, carry, token_B, dtype, extra_BxG)

@@ -75,14 +75,18 @@ class StepWeights:
     kind: str
 
 
-def cell_step(weights: StepWeights, carry: tuple, x):
+def cell_step(weights: StepWeights, carry: tuple, x, extra_BxG=None):
     """One step of a layer: ``x`` is token ids ``(B,)`` (first layer) or the layer below's
-    ``h`` ``(B, I)``; ``carry`` is ``(h,)`` or, for the LSTM, ``(c, h)``. Returns the new carry."""
+    ``h`` ``(B, I)``; ``carry`` is ``(h,)`` or, for the LSTM, ``(c, h)``. Returns the new carry.
+    ``extra_BxG`` (first layer only): a further part of the input projection (a label term)."""
     h = carry[-1]
     c = carry[0] if weights.kind == "lstm" else h
     projected = not isinstance(weights.w_ih, Panels)
+    if extra_BxG is not None and not projected:
+        raise ValueError("an extra input projection is added to a first layer only")
     if projected:  # one_hot(x) @ w_ih == w_ih[x], gathered by XLA
         x, w_ih = jnp.take(weights.w_ih, x, axis=0), jnp.zeros((1,), jnp.float32)
+        x = x if extra_BxG is None else x + extra_BxG
     else:
         w_ih = weights.w_ih.data
     out = jax.ShapeDtypeStruct(h.shape, jnp.float32)
@@ -110,12 +114,13 @@ def prepare(kind: str, cells: list, w_out, b_out, threads: int = 1) -> tuple:
     return tuple(out), (pack(w_out, 1, threads), b_out)
 
 
-def step(weights, carry, token_B):
-    """One step of every layer from ``token_B`` and the output layer: ``(new_carry, logits_BxV)``."""
+def step(weights, carry, token_B, extra_BxG=None):
+    """One step of every layer from ``token_B`` and the output layer: ``(new_carry, logits_BxV)``;
+    ``extra_BxG``: a further part of the first layer's input projection (a label term), or None."""
     cells, (w_out, b_out) = weights
     x, new_carry = token_B, []
-    for w, c in zip(cells, carry):
-        c = cell_step(w, tuple(c), x)
+    for i, (w, c) in enumerate(zip(cells, carry)):
+        c = cell_step(w, tuple(c), x, extra_BxG if i == 0 else None)
         new_carry.append(c)
         x = c[-1]
     return tuple(new_carry), dense(x, w_out, b_out)

@@ -34,10 +34,13 @@ def gate_blocks(x, gates: int) -> tuple:
     return tuple(jnp.split(x, gates, axis=-1)) if gates > 1 else (x,)
 
 
-def project_blocks(one_hot: bool, ws: tuple, bs: tuple, x, dtype) -> tuple:
+def project_blocks(one_hot: bool, ws: tuple, bs: tuple, x, dtype, extra=None) -> tuple:
     """The input part of the gates per block, from ``w_ih``'s and ``b_ih``'s blocks (computed per
-    block, not split afterwards: every array then stays contiguous both ways)."""
+    block, not split afterwards: every array then stays contiguous both ways), plus ``extra``'s
+    blocks where given (a further part of the input projection, ``(..., G)``)."""
     xws = tuple(jnp.take(w, x, axis=0) for w in ws) if one_hot else tuple(matmul(x, w, dtype) for w in ws)
+    if extra is not None:
+        xws = tuple(xw + e for xw, e in zip(xws, gate_blocks(extra, len(ws))))
     return tuple(xw + bias(b, xw) for xw, b in zip(xws, bs))
 
 
@@ -135,10 +138,12 @@ def _in_loop_weights(w, dtype, transpose: bool = False) -> tuple:
     return jax.lax.optimization_barrier(w) if transpose else w
 
 
-def layer(kind: str, p, carry, x, keep_TxBx1, one_hot: bool, dtype=jnp.float32):
-    """One layer over a window (see ``charrnn.cells.layer``): ``(final_carry, h_TxBxH)``."""
+def layer(kind: str, p, carry, x, keep_TxBx1, one_hot: bool, dtype=jnp.float32, extra_TxBxG=None):
+    """One layer over a window (see ``charrnn.cells.layer``): ``(final_carry, h_TxBxH)``;
+    ``extra_TxBxG``: a further part of the input projection (``charrnn.backends.layer``)."""
     gates = GATES[kind]
-    xw = project_blocks(one_hot, gate_blocks(p["w_ih"], gates), gate_blocks(p["b_ih"], gates), x, dtype)
+    xw = project_blocks(one_hot, gate_blocks(p["w_ih"], gates), gate_blocks(p["b_ih"], gates), x, dtype,
+                        extra_TxBxG)
     return _scan_layer(kind, dtype, _recurrent_weights(kind, p), tuple(carry), xw, keep_TxBx1)
 
 
@@ -223,12 +228,14 @@ def prepare_step(kind: str, cells: list, w_out, b_out, dtype=jnp.float32) -> tup
     return tuple(out), (w_out, b_out)
 
 
-def step(kind: str, weights, carry, token_B, dtype=jnp.float32):
-    """One step of every layer from ``token_B``: ``(new_carry, logits_BxV)``."""
+def step(kind: str, weights, carry, token_B, dtype=jnp.float32, extra_BxG=None):
+    """One step of every layer from ``token_B``: ``(new_carry, logits_BxV)``; ``extra_BxG``: a
+    further part of the first layer's input projection (a label term), or None."""
     cells, (w_out, b_out) = weights
     x, new_carry = token_B, []
     for i, ((ws, bs, recurrent), c) in enumerate(zip(cells, carry)):
-        c, _ = FORWARD[kind](recurrent, c, project_blocks(i == 0, ws, bs, x, dtype), dtype)
+        xw = project_blocks(i == 0, ws, bs, x, dtype, extra_BxG if i == 0 else None)
+        c, _ = FORWARD[kind](recurrent, c, xw, dtype)
         new_carry.append(c)
         x = c[-1]
     logits = matmul(x, w_out, dtype)
