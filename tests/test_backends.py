@@ -162,3 +162,49 @@ def test_the_model_names_no_backend():
     source = open(model.__file__).read()
     for name in ("lstm_window", "step_kernel", "bf16_matmul", "amx", "native", "xla", "isinstance"):
         assert name not in source, name
+
+
+# --- building the native kernels ------------------------------------------------------------
+
+def _kernel_source(tmp_path, monkeypatch, body: str):
+    import shutil
+
+    from charrnn.backends import native
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler here")
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "k.cc").write_text(body)
+    monkeypatch.setattr(native, "KERNELS", src)
+    monkeypatch.setenv("CHARRNN_KERNEL_CACHE", str(tmp_path / "cache"))
+    return native
+
+
+def test_a_failed_build_is_remembered_not_retried_by_every_process(tmp_path, monkeypatch):
+    native = _kernel_source(tmp_path, monkeypatch, "this is not C++\n")
+    calls = []
+    real_run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    assert native.load("k", [], "nothing") is None
+    assert native.load("k", [], "nothing") is None  # a later process: no second compile
+    assert len(calls) == 1
+    assert list((tmp_path / "cache").glob("k-*.failed"))
+
+
+def test_a_cached_library_that_cannot_load_is_rebuilt_once(tmp_path, monkeypatch):
+    native = _kernel_source(tmp_path, monkeypatch, 'extern "C" int value() { return 7; }\n')
+    built = native.build("k", [], "nothing")
+    built.write_bytes(b"not a shared library")  # damaged in the cache
+    lib = native.load("k", [], "nothing")
+    assert lib is not None and lib.value() == 7
+
+
+def test_charrnn_kernels_0_turns_every_kernel_off(monkeypatch):
+    from charrnn.backends import native
+
+    monkeypatch.setenv("CHARRNN_KERNELS", "0")
+    assert not native.allowed("CHARRNN_AMX") and not native.allowed("CHARRNN_STEP_KERNEL")
+    monkeypatch.delenv("CHARRNN_KERNELS")
+    monkeypatch.setenv("CHARRNN_STEP_KERNEL", "0")
+    assert native.allowed("CHARRNN_AMX") and not native.allowed("CHARRNN_STEP_KERNEL")
