@@ -828,6 +828,9 @@ def serve(runs: tuple[str, ...], host: str, port: int, checkpoint: str, api_key:
         raise CharrnnError(f"two runs are named {dup!r}; model ids are run directory names and must differ")
     _setup_jax()
     loaded = {name: load(r, checkpoint) for name, r in zip(names, runs)}
+    for name, r in zip(names, runs):
+        if loaded[name].labels is not None:
+            raise CharrnnError(f"{r} is a labelled run (--labels): serving labelled runs is not supported yet")
     sock = bind(host, port)
     server = make_server(create_app(loaded, limits, api_key=api_key, warm_up=True), sock)
     url = f"http://{host}:{sock.getsockname()[1]}"

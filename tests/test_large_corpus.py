@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 CORPUS_MB = 200
 PEAK_GROWTH_LIMIT_MB = 300  # the old in-memory path needed > 1000 MB more for 200 MB of text
@@ -42,6 +43,7 @@ def _peak_rss_mb(corpus: Path, out: Path) -> float:
     return kb[0] / 1024
 
 
+@pytest.mark.slow
 def test_training_memory_does_not_grow_with_corpus_size(tmp_path):
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
     _write_corpus(small, 1)

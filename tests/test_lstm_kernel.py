@@ -1,4 +1,4 @@
-"""The native float32 LSTM layer (``charrnn.lstm_kernel``): values and gradients against XLA's
+"""The native float32 LSTM layer (``charrnn.backends.lstm_window``): values and gradients against XLA's
 scan and an independent float64 reference, the model on it, and its fallbacks.
 
 The numeric tests run where the kernel can (an AVX-512 CPU and a C++ compiler, as this
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import lstm_kernel, native
-from charrnn import model as M
+from charrnn.backends import lstm_window as lstm_kernel
+from charrnn.backends import native, xla
 
 needs_kernel = pytest.mark.skipif(not lstm_kernel.enabled(), reason="no AVX-512 CPU or no C++ compiler here")
 needs_bf16_kernel = pytest.mark.skipif(not lstm_kernel.bf16_enabled(),
@@ -71,8 +71,8 @@ def reference(w, bias, carry0, xw, keep):
 
 def xla_layer(w, bias, carry0, xw, keep, dtype=jnp.float32):
     """The same layer on XLA's scan (the model's path without the kernel)."""
-    return M._scan_layer(M.LSTMCell, dtype, 1, M._gate_blocks(w, 4), carry0,
-                         M._gate_blocks(xw + bias[None, None], 4), keep)
+    return xla._scan_layer("lstm", dtype, xla.gate_blocks(w, 4), carry0,
+                           xla.gate_blocks(xw + bias[None, None], 4), keep)
 
 
 SHAPES = [(7, 1, 16), (12, 5, 40), (9, 13, 100), (5, 32, 64), (3, 25, 33)]
@@ -209,6 +209,7 @@ def test_one_device_alone_uses_every_core_and_devices_share_them(monkeypatch):
 @pytest.mark.parametrize("dtype,switch,target", [
     ("float32", "enabled", "charrnn_lstm_forward"),
     pytest.param("bfloat16", "bf16_enabled", "charrnn_lstm_forward_bf16", marks=needs_bf16_kernel)])
+@pytest.mark.slow
 def test_lstm_training_on_the_kernel_matches_xla(monkeypatch, train_losses, dtype, switch, target):
     # low_token 1: batches that read START tokens, so the state is reset inside the window.
     monkeypatch.setattr(lstm_kernel, switch, lambda: True)
@@ -230,10 +231,11 @@ def test_only_lstm_layers_use_it_and_bfloat16_ones_only_where_bf16_enabled(monke
     assert "charrnn_lstm" not in text
 
 
-_PROBE = ("import charrnn.lstm_kernel as k, jax.numpy as jnp; print(k.enabled()); "
-          "from charrnn.model import LSTMCell; from flax import nnx; "
-          "c = LSTMCell(3, 16, one_hot=True, rngs=nnx.Rngs(0)); "
-          "out = c.layer(c.initial_carry(2), jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 2, 1))); "
+_PROBE = ("import charrnn.backends.lstm_window as k, jax.numpy as jnp; print(k.enabled()); "
+          "from charrnn.model import Cell; from charrnn import backends, cells; from flax import nnx; "
+          "c = Cell('lstm', 3, 16, rngs=nnx.Rngs(0)); "
+          "out = backends.layer('lstm', c.params(), cells.initial_carry('lstm', 2, 16), "
+          "jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 2, 1)), True); "
           "print(f'{float(out[1].sum()):.5f}')")
 
 
@@ -247,8 +249,10 @@ def _probe(env_extra, tmp_path, fresh_cache=True):
     return r.stdout.split(), r.stderr
 
 
-def test_charrnn_lstm_kernel_0_turns_it_off(tmp_path):
-    (on, value), _ = _probe({"CHARRNN_LSTM_KERNEL": "0"}, tmp_path)
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", ["CHARRNN_LSTM_KERNEL", "CHARRNN_KERNELS"])
+def test_charrnn_lstm_kernel_0_turns_it_off(tmp_path, switch):
+    (on, value), _ = _probe({switch: "0"}, tmp_path)
     assert on == "False"
     assert not list((tmp_path / "kernels").glob("rnn_cpu-*.so"))  # nothing built
     if lstm_kernel.enabled():  # the same layer on the kernel, to float32 rounding
@@ -257,6 +261,7 @@ def test_charrnn_lstm_kernel_0_turns_it_off(tmp_path):
 
 
 @needs_kernel
+@pytest.mark.slow
 def test_a_failed_build_falls_back_to_xla(tmp_path):
     (on, value), err = _probe({"CXX": "false", "CHARRNN_AMX": "0"}, tmp_path)
     assert on == "False" and float(value) != 0.0

@@ -78,6 +78,7 @@ def one_device(corpus) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(corpus, one_device, tmp_path):
     r = subprocess.run(_cmd(corpus, tmp_path / "four", "--max-steps", "20"), env=_env(4),
                        capture_output=True, text=True)
@@ -85,6 +86,7 @@ def test_four_devices_match_one(corpus, one_device, tmp_path):
     _assert_close(one_device, tmp_path / "four")
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_number_of_devices(corpus, one_device, tmp_path):
     out = tmp_path / "mixed"
     r = subprocess.run(_cmd(corpus, out, "--max-steps", "10"), env=_env(4), capture_output=True, text=True)
@@ -95,6 +97,7 @@ def test_resume_on_a_different_number_of_devices(corpus, one_device, tmp_path):
     _assert_close(one_device, out)
 
 
+@pytest.mark.slow
 def test_batch_size_must_divide_by_the_devices(corpus, tmp_path):
     cmd = _cmd(corpus, tmp_path / "r", "--max-steps", "2") + ["--batch-size", "6"]
     r = subprocess.run(cmd, env=_env(4), capture_output=True, text=True)
@@ -119,6 +122,7 @@ def _env_without_forced_devices() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_cpu_devices_option_splits_the_cpu_and_trains_like_one_device(corpus, one_device, tmp_path):
     cmd = [a for a in _cmd(corpus, tmp_path / "split", "--max-steps", "20", "--cpu-devices", "2")
            if a != "--quiet"]
@@ -128,6 +132,7 @@ def test_cpu_devices_option_splits_the_cpu_and_trains_like_one_device(corpus, on
     _assert_close(one_device, tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_cpu_devices_that_do_not_divide_the_batch_are_refused(corpus, tmp_path):
     cmd = _cmd(corpus, tmp_path / "r", "--max-steps", "2", "--cpu-devices", "3")
     r = subprocess.run(cmd, env=_env_without_forced_devices(), capture_output=True, text=True)
@@ -145,6 +150,7 @@ def _sample(run: Path, env: dict, num_samples: int) -> tuple[str, str]:
     return r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_sampling_split_over_devices_draws_what_one_device_draws(one_device):
     one, log_one = _sample(one_device, _env(1), 32)
     four, log_four = _sample(one_device, _env(4), 32)
@@ -191,6 +197,7 @@ def _two_processes(corpus: Path, out: Path, *extra, env=None):
     return procs[1], procs[0]  # (process 0, process 1)
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_like_one(corpus, one_device, tmp_path):
     p0, p1 = _two_processes(corpus, tmp_path / "two", "--max-steps", "20")
     out0, err0 = p0.communicate(timeout=300)
@@ -200,6 +207,7 @@ def test_two_processes_train_together_like_one(corpus, one_device, tmp_path):
     _assert_close(one_device, tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_a_dead_worker_makes_the_other_exit_instead_of_hanging(corpus, tmp_path):
     env = _env(1, CHARRNN_HEARTBEAT_S="3")
     p0, p1 = _two_processes(corpus, tmp_path / "dead", "--max-steps", "1000000", "--eval-every", "1000000",

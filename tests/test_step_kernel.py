@@ -1,4 +1,4 @@
-"""The native float32 sampling step (``charrnn.step_kernel``): one step of every cell kind against a
+"""The native float32 sampling step (``charrnn.backends.step_kernel``): one step of every cell kind against a
 float64 reference and against XLA's step, threads and rows that change nothing, the sampler on it,
 and its switch.
 
@@ -7,6 +7,8 @@ machines have) and skip elsewhere.
 """
 
 from __future__ import annotations
+
+import functools
 
 import os
 import shutil
@@ -19,7 +21,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from charrnn import native, parallel, step_kernel
+from charrnn import parallel
+from charrnn.backends import native, step_kernel, xla
 from charrnn import sample as sampler
 from charrnn.config import ModelConfig
 from charrnn.model import build_model, split_model
@@ -84,16 +87,22 @@ def _random_carry(graphdef, params, batch, seed=1):
 
 
 def run_steps(graphdef, params, carry, tokens_BxT, threads=1, kernel=True):
-    """The model's ``step_with`` over the tokens (weights prepared once): ``(carry, logits)``."""
+    """The model's steps over the tokens (weights prepared once) on the kernel or on XLA's
+    operations: ``(carry, logits)``."""
 
     @jax.jit
     def go(params, carry, tokens):
         model = nnx.merge(graphdef, params)
-        # rows: what the steps are prepared for; one thread at many rows is XLA's step
-        weights = model.step_weights(jnp.float32, threads, rows=1 if kernel else 1 << 20)
+        kind, layers = model.config.cell, [c.params() for c in model.cells]
+        if kernel:
+            weights = step_kernel.prepare(kind, layers, params["w_out"], params["b_out"], threads)
+            step = step_kernel.step
+        else:
+            weights = xla.prepare_step(kind, layers, params["w_out"], params["b_out"])
+            step = functools.partial(xla.step, kind)
         logits = None
         for t in range(tokens.shape[1]):
-            carry, logits = model.step_with(weights, carry, tokens[:, t])
+            carry, logits = step(weights, carry, tokens[:, t])
         return carry, logits
 
     return go(params, carry, jnp.asarray(tokens_BxT))
@@ -124,22 +133,19 @@ def test_steps_match_a_float64_reference_and_xla(cell, hidden, batch):
 
 
 @needs_kernel
-def test_the_model_step_takes_the_kernel_where_it_pays():
-    # One thread: a step of 1-2 rows (a matrix-vector product) on the kernel, of more rows on
-    # XLA's dots, which block a compute-bound product as well; split over threads, any rows.
+def test_the_model_step_takes_the_kernel_for_every_row_count():
+    # Sampling's steps always run on the kernel where it is enabled, whatever the batch: a row's
+    # sums then run in one order, so it draws the same text alone or among others.
     graphdef, params = _model("lstm", 32)
 
     def lowered(rows, threads=1):
         tok = jnp.zeros((rows,), jnp.int32)
         model = nnx.merge(graphdef, params)
-        if threads == 1:
-            return jax.jit(lambda c: model.step(c, tok)).lower(model.initial_carry(rows)).as_text()
-        w = model.step_weights(jnp.float32, threads, rows)
+        w = model.step_weights(jnp.float32, threads)
         return jax.jit(lambda c: model.step_with(w, c, tok)).lower(model.initial_carry(rows)).as_text()
 
-    assert "charrnn_cell_step" in lowered(1) and "charrnn_cell_step" in lowered(2)
-    assert "charrnn_" not in lowered(3)
-    assert "charrnn_cell_step" in lowered(32, threads=2)
+    for rows, threads in ((1, 1), (2, 1), (3, 1), (32, 1), (32, 2)):
+        assert "charrnn_cell_step" in lowered(rows, threads), rows
 
 
 @needs_kernel
@@ -202,6 +208,7 @@ print("same")
 
 
 @needs_kernel
+@pytest.mark.slow
 def test_two_devices_sharing_the_helper_threads_get_the_one_thread_result():
     # Two devices' loops can step at once; only one holds the helper threads at a time and the
     # other computes every part itself. Either way, the values of one thread.
@@ -242,8 +249,9 @@ def test_sampling_threads_only_where_the_weights_leave_l2():
     assert parallel.sampling_threads(int(12 * mb), cores=4, l2_bytes=2 * mb) == 4
 
 
+@pytest.mark.slow
 def test_charrnn_step_kernel_0_turns_it_off(tmp_path):
-    probe = ("import jax.numpy as jnp; from charrnn import step_kernel; "
+    probe = ("import jax.numpy as jnp; from charrnn.backends import step_kernel; "
              "from charrnn.config import ModelConfig; from charrnn.model import build_model; "
              "m = build_model(ModelConfig(cell='gru', layers=2, hidden=8), 7, 0); "
              "c, logits = m.step(m.initial_carry(2), jnp.array([2, 3])); "

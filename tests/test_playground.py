@@ -1,0 +1,91 @@
+"""The playground at ``/`` in a real headless Chromium: type a prime, press generate, and the
+streamed text appears (and equals the seeded ``Run.sample``); the stop button ends a stream."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
+
+import charrnn  # noqa: E402
+from browser import chromium_page, record_requests  # noqa: E402
+from charrnn.config import ModelConfig, RunConfig, SampleConfig, TrainConfig  # noqa: E402
+from charrnn.serve import ServeLimits, create_app  # noqa: E402
+from charrnn.serve.server import Background  # noqa: E402
+from charrnn.vocab import END  # noqa: E402
+
+TEXT = "the cat sat on the mat. the dog ran to the barn! a bird sang in the tree.\n" * 30
+KEY = "playground-key"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("playground")
+    corpus = root / "tiny.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    config = RunConfig(model=ModelConfig(cell="lstm", layers=1, hidden=32),
+                       train=TrainConfig(max_steps=30, batch_size=8, seq_len=32, lr=1e-2))
+    run = charrnn.load(charrnn.train(str(corpus), config, out=str(root / "tiny")).run_dir, "latest")
+    # Never end a text early (the stop button must find a stream still running).
+    run.params["b_out"] = run.params["b_out"].at[END].set(-1e9)
+    with Background(create_app({"tiny": run}, ServeLimits(max_tokens=200_000), api_key=KEY)) as server:
+        yield server, run
+
+
+def test_type_a_prime_press_generate_and_the_text_streams_in(served):
+    server, run = served
+    with chromium_page() as page:
+        requests = record_requests(page)
+        page.goto(server.url + "/")
+        page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        assert page.eval_on_selector("#model", "s => s.value") == "tiny"
+        page.fill("#prompt", "the ")
+        page.fill("#temperature", "0.9")
+        page.fill("#max_tokens", "120")
+        page.fill("#seed", "42")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
+        text = page.text_content("#output")
+        assert page.text_content("#output-prime") == "the "
+        want = run.sample(SampleConfig(prime="the ", length=120, temperature=0.9, seed=42))[0].text
+        assert text == want[len("the "):]
+        assert text
+        assert all(u.startswith(server.url) for u in requests), requests  # nothing from elsewhere
+
+
+def test_the_stop_button_ends_a_stream(served):
+    server, _ = served
+    with chromium_page() as page:
+        page.goto(server.url + "/")
+        page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        page.fill("#prompt", "the ")
+        page.fill("#max_tokens", "200000")
+        # Press stop the moment the first characters arrive (a click from here could come late).
+        page.evaluate("""() => new MutationObserver((_, observer) => {
+            observer.disconnect(); document.querySelector('#stop').click();
+        }).observe(document.querySelector('#output'), {childList: true, characterData: true, subtree: true})""")
+        page.click("#generate")
+        page.wait_for_function("!document.querySelector('#status').textContent.startsWith('generating')")
+        assert page.text_content("#status").startswith("stopped"), (page.text_content("#status"),
+                                                                    len(page.text_content("#output")))
+        assert page.is_enabled("#generate")
+        assert len(page.text_content("#output")) < 200_000
+
+
+def test_a_refused_request_shows_the_servers_message(served):
+    server, _ = served
+    with chromium_page() as page:
+        page.goto(server.url + "/")
+        page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        page.fill("#prompt", "the ")
+        page.fill("#top_p", "0")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').className === 'error'")
+        assert "top_p" in page.text_content("#status")
