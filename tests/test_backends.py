@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_matches_reference
 
 from charrnn import backends, cells
 from charrnn.backends import lstm_window, step_kernel, xla
@@ -92,14 +93,7 @@ def test_a_window_equals_the_reference_in_values_and_gradients(name, kind, dtype
     want_g = jax.jit(jax.grad(_loss(None, kind, None, one_hot), argnums=argnums))(p, carry, x, keep)
     got_g = jax.jit(jax.grad(_loss(layer, kind, dt, one_hot), argnums=argnums))(p, carry, x, keep)
     # float32: the same sums in another order; bfloat16: products of bf16-rounded operands
-    atol = 2e-5 if dtype == "float32" else 3e-2
-    np.testing.assert_allclose(np.asarray(got_h), np.asarray(want_h), atol=atol, rtol=0)
-    for g, w in zip(jax.tree_util.tree_leaves(got_final), jax.tree_util.tree_leaves(want_final)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
-    grad_tol = 2e-4 if dtype == "float32" else 0.15
-    for g, w in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
-        scale = max(1.0, float(np.abs(np.asarray(w)).max()))
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=grad_tol * scale, rtol=0)
+    assert_matches_reference((got_h, got_final), (want_h, want_final), got_g, want_g, dtype)
 
 
 def _step_cases():

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import assert_refused
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the export extra: pip install -e '.[export]'")
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (the export extra)")
@@ -188,16 +189,6 @@ def _invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def _assert_refused(result, *fragments):
-    assert result.exit_code != 0, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("charrnn: error: "), lines[0]
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
@@ -229,7 +220,7 @@ def test_cli_writes_onnx_that_matches_the_run(trained, tmp_path):
 def test_cli_refuses_an_existing_file_unless_forced(trained, tmp_path):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"keep me")
-    _assert_refused(_invoke("export", trained, "--onnx", out), "exists", "--force")
+    assert_refused(_invoke("export", trained, "--onnx", out), "exists", "--force")
     assert out.read_bytes() == b"keep me"
     result = _invoke("export", trained, "--onnx", out, "--force")
     assert result.exit_code == 0, result.output
@@ -237,17 +228,17 @@ def test_cli_refuses_an_existing_file_unless_forced(trained, tmp_path):
 
 
 def test_cli_refuses_bad_requests_in_one_line(trained, tmp_path):
-    _assert_refused(_invoke("export", trained), "--onnx", "--html")
-    _assert_refused(_invoke("export", tmp_path / "no-such-run", "--onnx", tmp_path / "m.onnx"))
-    _assert_refused(_invoke("export", trained, "--onnx", tmp_path / "missing-dir" / "m.onnx"), "no directory")
-    _assert_refused(_invoke("export", trained, "--onnx", tmp_path), "directory")
-    _assert_refused(_invoke("export", trained, "--onnx", tmp_path / "x", "--html", tmp_path / "x"), "same file")
+    assert_refused(_invoke("export", trained), "--onnx", "--html")
+    assert_refused(_invoke("export", tmp_path / "no-such-run", "--onnx", tmp_path / "m.onnx"))
+    assert_refused(_invoke("export", trained, "--onnx", tmp_path / "missing-dir" / "m.onnx"), "no directory")
+    assert_refused(_invoke("export", trained, "--onnx", tmp_path), "directory")
+    assert_refused(_invoke("export", trained, "--onnx", tmp_path / "x", "--html", tmp_path / "x"), "same file")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
 def test_cli_without_onnx_names_the_extra(trained, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    _assert_refused(_invoke("export", trained, "--onnx", tmp_path / "m.onnx"), "pip install", "export")
+    assert_refused(_invoke("export", trained, "--onnx", tmp_path / "m.onnx"), "pip install", "export")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -261,5 +252,5 @@ def test_cli_failed_write_keeps_the_old_file(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "export_onnx", half_write)
     out = tmp_path / "model.onnx"
     out.write_bytes(b"old")
-    _assert_refused(_invoke("export", trained, "--onnx", out, "--force"), "disk full")
+    assert_refused(_invoke("export", trained, "--onnx", out, "--force"), "disk full")
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

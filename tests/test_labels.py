@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_matches_reference
 
 from charrnn import backends, cells, data, labels
 from charrnn.backends import lstm_window, step_kernel, xla
@@ -93,13 +94,7 @@ def test_a_labelled_window_equals_the_joined_input_in_values_and_gradients(name,
     want, got = jax.jit(reference)(p, emb, carry), jax.jit(labelled)(p, emb, carry)
     want_g = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(p, emb, carry)
     got_g = jax.jit(jax.grad(loss(labelled), argnums=(0, 1, 2)))(p, emb, carry)
-    atol = 2e-5 if dtype == "float32" else 3e-2
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
-    grad_tol = 2e-4 if dtype == "float32" else 0.15
-    for g, w in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
-        scale = max(1.0, float(np.abs(np.asarray(w)).max()))
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=grad_tol * scale, rtol=0)
+    assert_matches_reference(got, want, got_g, want_g, dtype)
 
 
 def _step_cases():

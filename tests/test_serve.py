@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from helpers import assert_refused
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
@@ -283,12 +284,6 @@ def _cli(monkeypatch, *args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def _assert_refused(result, message):
-    assert result.exit_code != 0, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("charrnn: error:") and message in lines[0], result.stderr
-
-
 @pytest.mark.parametrize("args, message", [
     (["serve", "/nonexistent/run"], "/nonexistent/run"),
     (["serve", "RUN", "--max-n", "0"], "--max-n"),
@@ -299,7 +294,7 @@ def _assert_refused(result, message):
     (["serve", "RUN", "--checkpoint", "worst"], "--checkpoint"),
 ])
 def test_cli_refuses_bad_flags_in_one_line(tiny_run, monkeypatch, args, message):
-    _assert_refused(_cli(monkeypatch, *[tiny_run.run_dir if a == "RUN" else a for a in args]), message)
+    assert_refused(_cli(monkeypatch, *[tiny_run.run_dir if a == "RUN" else a for a in args]), message)
 
 
 def test_cli_refuses_a_busy_port_or_a_bad_host(tiny_run, monkeypatch):
@@ -307,8 +302,8 @@ def test_cli_refuses_a_busy_port_or_a_bad_host(tiny_run, monkeypatch):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         result = _cli(monkeypatch, "serve", tiny_run.run_dir, "--port", s.getsockname()[1])
-    _assert_refused(result, "cannot listen")
-    _assert_refused(_cli(monkeypatch, "serve", tiny_run.run_dir, "--host", "256.1.1.1"), "--host")
+    assert_refused(result, "cannot listen")
+    assert_refused(_cli(monkeypatch, "serve", tiny_run.run_dir, "--host", "256.1.1.1"), "--host")
 
 
 @pytest.mark.slow

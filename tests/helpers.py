@@ -1,0 +1,31 @@
+"""Assertions several test modules share."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def assert_refused(result, *fragments):
+    """A click ``CliRunner`` result that is the one-line error contract: a non-zero exit, exactly
+    one ``charrnn: error:`` line on stderr holding every fragment, no traceback."""
+    assert result.exit_code != 0, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("charrnn: error: "), lines[0]
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def assert_matches_reference(got, want, got_grads, want_grads, dtype: str):
+    """A backend's outputs and gradients against ``charrnn.cells``'s: float32 to the rounding of
+    sums in another order, bfloat16 to that of bf16-rounded operands (gradients relative to
+    their largest entry)."""
+    atol = 2e-5 if dtype == "float32" else 3e-2
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
+    grad_tol = 2e-4 if dtype == "float32" else 0.15
+    for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+        scale = max(1.0, float(np.abs(np.asarray(w)).max()))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=grad_tol * scale, rtol=0)
