@@ -5,15 +5,22 @@ an idiomatic PyTorch peer (``pip install -e ".[bench]"``), printed as a table.
     python benchmarks/run.py --dtype bfloat16 --configs lstm-2x512
     python benchmarks/run.py --no-torch --steps 20
     python benchmarks/run.py --repeat 3           # medians of 3 alternating rounds (noisy hosts)
+    PYTHONPATH=/tmp/before python benchmarks/run.py   # the charrnn of another checkout (a git worktree)
 
 Every measurement runs in its own subprocess (so peak RSS is per run and nothing is shared),
 charrnn and PyTorch alternating, and figures are medians over steps after warm-up. The host's
 speed drifts: compare ratios within one run, not across runs.
+
+Both sides' training runs get the process tuning ``charrnn train`` gives itself (glibc malloc
+options, glibc's huge-page tunable where it helps): the peer is PyTorch at its strongest, not
+PyTorch as a plain script runs it (``--untuned-peer`` measures that). Sampling runs untuned on
+both sides, as ``charrnn sample`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -36,6 +43,23 @@ SAMPLE_LENGTH = 2000
 HERE = Path(__file__).resolve().parent
 
 
+def _charrnn_on_path() -> None:
+    """Make ``import charrnn`` find a charrnn: one that PYTHONPATH or an install provides, else
+    the checkout this file is in. So one script measures any tree: ``PYTHONPATH=/tmp/before``
+    benchmarks that checkout's code (PYTHONPATH comes before an editable install)."""
+    if importlib.util.find_spec("charrnn") is None:
+        sys.path.append(str(HERE.parent))
+
+
+def _charrnn_root() -> Path:
+    """The checkout whose ``charrnn`` this process imports."""
+    return Path(importlib.util.find_spec("charrnn").origin).resolve().parent.parent
+
+
+def _glibc_hugetlb() -> bool:
+    return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -51,13 +75,19 @@ def charrnn_train(cell, layers, hidden, seq_len, batch, steps, dtype):
     import jax
     import numpy as np
 
-    sys.path.insert(0, str(HERE.parent))
     from charrnn.config import ModelConfig, TrainConfig
     from charrnn.model import build_model
     from charrnn.parallel import DataParallel
-    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step, use_training_xla_flags
+    from charrnn.train import init_state, lr_schedule, make_optimizer, make_train_step
 
-    use_training_xla_flags()  # as `charrnn train` runs
+    try:  # as `charrnn train` tunes its process (charrnn.runtime since the restructuring)
+        from charrnn import runtime
+    except ImportError:  # older trees: make_train_step set the malloc options itself
+        from charrnn.train import use_training_xla_flags
+    else:
+        use_training_xla_flags = runtime.use_training_xla_flags
+        runtime.keep_freed_memory()
+    use_training_xla_flags()
     cfg = TrainConfig(batch_size=batch, seq_len=seq_len, dtype=dtype)
     model = build_model(ModelConfig(cell=cell, layers=layers, hidden=hidden), VOCAB, 0)
     optimizer = make_optimizer(cfg, lr_schedule(cfg, None))
@@ -80,7 +110,8 @@ def charrnn_train(cell, layers, hidden, seq_len, batch, steps, dtype):
         jax.block_until_ready(m)
         if i >= 3:
             times.append(time.perf_counter() - t)
-    return {"chars_per_s": batch * seq_len / _median(times), "first_step_s": first, "peak_rss_mb": _peak_rss_mb()}
+    return {"chars_per_s": batch * seq_len / _median(times), "first_step_s": first, "peak_rss_mb": _peak_rss_mb(),
+            "malloc_tuned": True, "hugetlb": _glibc_hugetlb()}
 
 
 def charrnn_sample(cell, layers, hidden, batch, devices=1, length=SAMPLE_LENGTH):
@@ -88,7 +119,6 @@ def charrnn_sample(cell, layers, hidden, batch, devices=1, length=SAMPLE_LENGTH)
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, str(HERE.parent))
     from charrnn import parallel
     from charrnn import sample as sampler
     from charrnn.config import ModelConfig
@@ -146,7 +176,6 @@ def encode_mb_per_s(megabytes: int = 64) -> float:
 
     import numpy as np
 
-    sys.path.insert(0, str(HERE.parent))
     from charrnn import data
 
     rng = np.random.default_rng(0)
@@ -177,7 +206,7 @@ def first_sample_seconds(runs: int = 3) -> dict:
         d = Path(d)
         (d / "corpus.txt").write_text("It was the best of times, it was the worst of times.\n" * 400)
         env = dict(os.environ, CHARRNN_XLA_CACHE=str(d / "xla"))
-        cli = [sys.executable, str(HERE.parent / "cli.py")]
+        cli = [sys.executable, str(_charrnn_root() / "cli.py")]  # the measured tree's
         subprocess.run(cli + ["train", str(d / "corpus.txt"), "--out", str(d / "run"), "--max-steps", "2",
                               "--quiet"], env=env, check=True, capture_output=True)
 
@@ -206,6 +235,7 @@ def first_sample_seconds(runs: int = 3) -> dict:
 
 def _worker(argv):
     kind, args = argv[0], json.loads(argv[1])
+    _charrnn_on_path()
     if kind == "charrnn-train":
         out = charrnn_train(**args)
     elif kind == "charrnn-sample":
@@ -213,7 +243,9 @@ def _worker(argv):
     elif kind == "torch-train":
         sys.path.insert(0, str(HERE))
         import torch_peer
-        out = torch_peer.train_speed(**args)
+        tune = args.pop("tune", True)
+        tuned = tune and torch_peer.keep_freed_memory()  # charrnn's malloc options, as its training
+        out = {**torch_peer.train_speed(**args), "malloc_tuned": tuned, "hugetlb": _glibc_hugetlb()}
     elif kind == "torch-sample":
         sys.path.insert(0, str(HERE))
         import torch_peer
@@ -233,11 +265,11 @@ CPU_DEVICES = [1]
 
 
 def _run(kind: str, **args) -> dict:
+    _charrnn_on_path()
     env = dict(os.environ)
-    if kind == "charrnn-train":
-        # As `charrnn train` re-runs itself (charrnn.hugepages): its large blocks in huge pages.
-        # The PyTorch peer runs as a user's script would, in the environment as it is.
-        sys.path.insert(0, str(HERE.parent))
+    if kind == "charrnn-train" or (kind == "torch-train" and args.get("tune", True)):
+        # As `charrnn train` re-runs itself: its large blocks in huge pages, where that helps.
+        # PyTorch's peer gets the same (glibc reads the tunable only when a process starts).
         from charrnn import hugepages
 
         env = hugepages.rerun_env(env) or env
@@ -254,7 +286,6 @@ def _run(kind: str, **args) -> dict:
 def _devices_for(option: str, batch: int) -> int:
     if option != "auto":
         return int(option)
-    sys.path.insert(0, str(HERE.parent))
     from charrnn.parallel import auto_cpu_devices
 
     return auto_cpu_devices(batch)
@@ -263,7 +294,6 @@ def _devices_for(option: str, batch: int) -> int:
 def _sample_devices_for(option: str, cell: str, layers: int, hidden: int, batch: int) -> int:
     if option != "auto":
         return int(option) if batch % int(option) == 0 else 1
-    sys.path.insert(0, str(HERE.parent))
     from charrnn.config import ModelConfig
     from charrnn.parallel import sampling_devices_for
 
@@ -280,13 +310,16 @@ def _alternate(repeat: int, ours, theirs) -> tuple[dict, dict]:
     rounds = [(ours(), theirs() if theirs else {}) for _ in range(repeat)]
 
     def medians(side: int) -> dict:
-        keys = {k for r in rounds for k, v in r[side].items() if isinstance(v, (int, float))}
+        keys = {k for r in rounds for k, v in r[side].items() if isinstance(v, (int, float))
+                and not isinstance(v, bool)}
         out = {k: statistics.median(r[side][k] for r in rounds if k in r[side]) for k in keys}
+        flags = {k for r in rounds for k, v in r[side].items() if isinstance(v, bool)}
+        out.update({k: all(r[side].get(k) for r in rounds) for k in flags})  # true in every round
         errors = [r[side]["error"] for r in rounds if "error" in r[side]]
         return {**out, **({"error": errors[0]} if errors else {})}
 
     c, t = medians(0), medians(1)
-    for k in set(c) & set(t) - {"error"}:
+    for k in set(c) & set(t) - {"error"} - {k for k, v in c.items() if isinstance(v, bool)}:
         pairs = [r[0][k] / r[1][k] for r in rounds if r[0].get(k) and r[1].get(k)]
         if pairs:
             c["ratio:" + k] = statistics.median(pairs)
@@ -295,6 +328,35 @@ def _alternate(repeat: int, ours, theirs) -> tuple[dict, dict]:
 
 def _ratio(c: dict, key: str):
     return c.get("ratio:" + key)
+
+
+def _tuning(figures: dict) -> str:
+    """How a training run's process was tuned, in words, from its worker's report."""
+    parts = [name for name, on in (("mallopt", figures.get("malloc_tuned")), ("hugetlb", figures.get("hugetlb")))
+             if on]
+    return "+".join(parts) or "untuned"
+
+
+def _tuning_line(rows: list, torch: bool) -> str:
+    """The table's second header line: how each side's training process was tuned."""
+    words = {"mallopt+hugetlb": "glibc malloc options as `charrnn train` sets them and "
+                                "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
+             "mallopt": "glibc malloc options as `charrnn train` sets them (huge-page tunable: no help here)",
+             "untuned": "no process tuning"}
+    pairs = {r["tuning"] for r in rows}
+    sampling = "sampling: neither side tuned, as `charrnn sample` runs"
+    if not torch:
+        ours = {c for c, _ in pairs}
+        return f"training: {', '.join(words.get(c, c) for c in sorted(ours))}; {sampling}"
+    if len(pairs) == 1 and len(set(next(iter(pairs)))) == 1:
+        (ours, _), = pairs
+        both = "both sides untuned" if ours == "untuned" else "both sides tuned"
+        return f"training: {both} ({words.get(ours, ours)}); {sampling}"
+    return ("training, NOT tuned alike (charrnn / torch): "
+            + ", ".join(f"{r['config']} {r['tuning'][0]} / {r['tuning'][1]}" for r in rows) + f"; {sampling}")
+
+
+SPEED_RATIOS = {"train": "training", "sample1": "sampling b=1", "sample32": "sampling b=32"}
 
 
 def _have_torch() -> bool:
@@ -325,7 +387,11 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="measure every figure this many times, charrnn and PyTorch alternating, and print "
                         "medians (ratios: the median of each round's ratio)")
+    p.add_argument("--untuned-peer", action="store_true",
+                   help="run PyTorch's training as a plain script runs it, without the malloc options and "
+                        "huge-page tunable charrnn's training gets")
     a = p.parse_args(argv)
+    _charrnn_on_path()
     torch = not a.no_torch and _have_torch()
     if not a.no_torch and not torch:
         print("PyTorch not installed (pip install -e '.[bench]'): charrnn only", file=sys.stderr)
@@ -339,14 +405,16 @@ def main(argv=None):
         row["devices"] = CPU_DEVICES[0]
         train = dict(cell=cell, layers=layers, hidden=hidden, seq_len=seq_len, batch=batch, steps=a.steps)
         c, t = _alternate(a.repeat, lambda: _run("charrnn-train", dtype=a.dtype, **train),
-                          (lambda: _run("torch-train", vocab=VOCAB, threads=a.threads, dtype=a.dtype, **train))
+                          (lambda: _run("torch-train", vocab=VOCAB, threads=a.threads, dtype=a.dtype,
+                                        tune=not a.untuned_peer, **train))
                           if torch else None)
         row.update(train=c.get("chars_per_s"), compile_s=c.get("first_step_s"), rss=c.get("peak_rss_mb"),
                    torch_train=t.get("chars_per_s"), torch_rss=t.get("peak_rss_mb"), error=c.get("error"),
-                   train_ratio=_ratio(c, "chars_per_s"), rss_ratio=_ratio(c, "peak_rss_mb"))
+                   train_ratio=_ratio(c, "chars_per_s"), rss_ratio=_ratio(c, "peak_rss_mb"),
+                   tuning=(_tuning(c), _tuning(t) if torch else None))
         if torch and a.dtype == "bfloat16":
             row["torch_train_f32"] = _run("torch-train", vocab=VOCAB, threads=a.threads, dtype="float32",
-                                          **train).get("chars_per_s")
+                                          tune=not a.untuned_peer, **train).get("chars_per_s")
         if peak and row["train"]:
             sys.path.insert(0, str(HERE))
             from torch_peer import flops_per_char
@@ -370,7 +438,8 @@ def main(argv=None):
         return r.get(k + "_ratio")
 
     print(f"\ncharrnn benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"dtype {a.dtype}, JAX float32 matmul peak {_fmt(peak)} GFLOP/s")
+          f"dtype {a.dtype}, JAX float32 matmul peak {_fmt(peak)} GFLOP/s, charrnn from {_charrnn_root()}")
+    print(_tuning_line(rows, torch))
     head = ["config", "devices", "train chars/s", "vs torch", "compile s", "peak RSS MB", "vs torch", "% of peak",
             "torch % of peak", "sample b=1", "vs torch", "sample b=32", "devices", "vs torch"]
     print("| " + " | ".join(head) + " |")
@@ -387,6 +456,10 @@ def main(argv=None):
             print(f"|   vs torch float32 | {_fmt(r['train'] / r['torch_train_f32'], 'x')} |")
         if r.get("error"):
             print(f"  {r['config']}: charrnn failed: {r['error']}")
+    behind = [f"{r['config']} {what} {_fmt(ratio(r, key), 'x')}" for r in rows for key, what in SPEED_RATIOS.items()
+              if ratio(r, key) is not None and ratio(r, key) < 1]
+    if behind:
+        print("below 1 (PyTorch faster): " + "; ".join(behind))
     enc = _run("encode").get("mb_per_s")
     print(f"\ncorpus encoding (two streaming passes to a memory-mapped file): {_fmt(enc)} MB/s")
     first = _run("first-sample")

@@ -9,6 +9,8 @@ dropout between layers.
 Validation loss (nats/char over the whole held-out tenth, 64 streams, each first reading
 the characters before it as charrnn's evaluation does) is printed as one JSON
 line per evaluation, with the minutes of training so far (evaluation time excluded).
+The process is tuned as ``charrnn train`` tunes its own (``torch_peer.tune_process``: glibc
+malloc options and huge-page tunable); ``--untuned`` runs it as a plain script.
 
     python benchmarks/torch_curve.py ../shared/corpora/tinyshakespeare.txt --minutes 10 \\
         --hidden 256 --batch 64 --seq-len 100 --lr 2e-3
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_peer import CharRNN, _detach  # noqa: E402
+from torch_peer import CharRNN, _detach, tune_process  # noqa: E402
 
 from charrnn.evaluate import EVAL_WARMUP  # noqa: E402
 
@@ -88,7 +90,12 @@ def main(argv=None):
                    help="train and evaluate under torch.autocast(\"cpu\", torch.bfloat16), as charrnn's --dtype bfloat16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed: the initial weights")
+    p.add_argument("--untuned", action="store_true",
+                   help="skip the process tuning charrnn's training gets (torch_peer.tune_process)")
     a = p.parse_args(argv)
+    if not a.untuned:
+        tuned = tune_process()  # may re-execute this script first, with glibc's huge-page tunable
+        print(json.dumps({"process": tuned}), flush=True)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     stream, vocab = encode(Path(a.corpus).read_text(encoding="utf-8"))

@@ -219,7 +219,7 @@ def get(name: str, *, cache_dir: Optional[str | os.PathLike] = None, mirror: Opt
     except OSError as e:
         raise CharrnnError(f"cannot write {d.name} into cache directory {root}: {e.strerror or e}") from None
     finally:
-        for t in temps:
+        for t in {*temps, *root.glob(f".{d.name}.{os.getpid()}.*{_TEMP_SUFFIX}")}:
             t.unlink(missing_ok=True)
     log.info("cached %s at %s", d.name, final)
     return final
@@ -373,7 +373,9 @@ def _check(name: str, source: str, expected: Optional[str], actual: str) -> None
 def _temp(root: Path, name: str, temps: list[Path]) -> Path:
     import tempfile
 
-    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMP_SUFFIX, dir=root)
+    # The pid in the name lets ``get`` remove this process's temporaries even when an interrupt
+    # lands between their creation and ``temps`` hearing of them.
+    fd, path = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=root)
     os.close(fd)
     temps.append(Path(path))
     return Path(path)

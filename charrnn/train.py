@@ -125,8 +125,9 @@ def plan_run(corpus, config: Optional[RunConfig], out: Optional[Path], *, resume
     else:
         corp, vocab, num_tokens, docs = _load_corpus(corpus, config)
         run_dir = Path(out) if out is not None else Path("checkpoints") / corp.name
-        _recover_replaced(run_dir)
-        runs.check_out_dir(run_dir, resume=False, overwrite=overwrite)
+        if jax.process_index() == 0:  # the others write only their own tokens-pN.npy into it
+            _recover_replaced(run_dir)
+            runs.check_out_dir(run_dir, resume=False, overwrite=overwrite)
         if init_from is not None and docs is not None:
             raise CharrnnError("--init-from does not take --labels yet: train a labelled run from scratch")
         if init_from is not None:
@@ -159,6 +160,7 @@ def claim_run_dir(plan: RunPlan, main: bool = True):
     run_dir = plan.run_dir
     runs.make_run_dir(run_dir)
     if not main:
+        _run_dir_ready()  # the main process's cleanup must not meet this one's tokens-pN.npy
         yield
         return
     with runs.RunLock(run_dir):
@@ -173,10 +175,20 @@ def claim_run_dir(plan: RunPlan, main: bool = True):
             elif not plan.resume:
                 runs.remove_run(run_dir)  # a start cut short before it wrote anything worth keeping
             runs.write_marker(run_dir)
+            _run_dir_ready()
             yield
         finally:
             if replaced and (run_dir / runs.REPLACED_DIR).is_dir():  # the new run never committed
                 runs.restore_replaced(run_dir)
+
+
+def _run_dir_ready() -> None:
+    """With several processes: everyone waits here until the main process has claimed and
+    cleaned the run directory."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("charrnn: run directory claimed")
 
 
 # --- 2-5. the state, the step loop, evaluation and checkpoints, stopping -------------------
