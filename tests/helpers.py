@@ -29,3 +29,10 @@ def assert_matches_reference(got, want, got_grads, want_grads, dtype: str):
     for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
         scale = max(1.0, float(np.abs(np.asarray(w)).max()))
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=grad_tol * scale, rtol=0)
+
+
+def assert_steps_match(got_carry, got_logits, want_carry, want_logits):
+    """Sampling steps against the reference's: logits to 3e-5, every carried state to 1e-5."""
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=3e-5, rtol=0)
+    for g, w in zip(jax.tree_util.tree_leaves(got_carry), jax.tree_util.tree_leaves(want_carry)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ import numpy as np
 
 from charrnn import sample as sampler
 from charrnn.serve.protocol import Job
-from charrnn.vocab import END, START
+from charrnn.vocab import START
 
 log = logging.getLogger(__name__)
 
@@ -350,10 +350,7 @@ class Engine:
                 r.finished = True
                 continue
             row = toks_BxC[slot][:r.remaining]
-            ends = np.flatnonzero(row == END)
-            hit_end = ends.size > 0
-            if hit_end:
-                row = row[:ends[0]]
+            row, hit_end = sampler.cut_at_end(row)
             r.remaining -= row.shape[0]
             text, stopped = r.matcher.feed(self.run.vocab.decode(row))
             finish = None
