@@ -6,6 +6,7 @@ whole module; seeded completions are compared with ``Run.sample`` on the same op
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -26,7 +27,10 @@ httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed
 import charrnn  # noqa: E402
 from charrnn.config import ModelConfig, RunConfig, SampleConfig, TrainConfig  # noqa: E402
 from charrnn.serve import ServeLimits, create_app  # noqa: E402
+from charrnn.serve.engine import Completion, Engine  # noqa: E402
+from charrnn.serve.protocol import CompletionRequest, check_request  # noqa: E402
 from charrnn.serve.server import Background  # noqa: E402
+from charrnn.vocab import END  # noqa: E402
 
 KEY = "test-key"
 TEXT = ("the cat sat on the mat. the dog ran to the barn! a bird sang in the tree; "
@@ -160,6 +164,30 @@ def test_sixteen_streaming_clients_get_their_single_client_texts(server):
     for t in threads:
         t.join(300)
     assert crowd == alone
+
+
+@pytest.mark.parametrize("arrivals", [[16], [9, 7], [1] * 16, [3, 5, 8], [15, 1]])
+def test_the_batch_is_the_live_rows_padded_to_a_power_of_two(tiny_run, arrivals):
+    """However requests arrive, 16 live rows run as a batch of 16 (rows that joined a padded
+    batch were once counted on top of its padding, and 16 clients ran as 32 rows at half speed);
+    as rows leave, the batch keeps its size until three quarters of it is padding."""
+    endless = copy.copy(tiny_run)  # rows that never reach the end token: only cancelling ends them
+    endless.params = {**tiny_run.params, "b_out": tiny_run.params["b_out"].at[END].set(-1e9)}
+    engine = Engine(endless, max_batch=64, chunk=16)
+    completions = []
+    for group in arrivals:
+        joining = [Completion(check_request(CompletionRequest(model="tiny", prompt="the ", max_tokens=4000,
+                                                              seed=len(completions) + i), tiny_run.vocab,
+                                            ServeLimits(max_tokens=4000)),
+                              sink=lambda item: None) for i in range(group)]
+        completions += joining
+        engine._step(joining)
+    assert (engine.live_rows, engine.batch_rows) == (16, 16)
+    for keep, rows in [(8, 16), (5, 16), (4, 4), (2, 4), (1, 1), (0, 0)]:
+        for c in completions[keep:]:
+            c.cancel()
+        engine._step([])
+        assert (engine.live_rows, engine.batch_rows) == (keep, rows)
 
 
 def test_a_disconnected_stream_frees_its_row(server):

@@ -113,6 +113,7 @@ class Engine:
         # slot (None: a padding row, already done).
         self._state = None
         self._slots: list[Optional[_Row]] = []
+        self._padded = 0  # the batch size the last repad chose (rows that join come on top of it)
         self._controls = None
         self._penalized = False
         self._inflight = None  # (state after, tokens) of the chunk dispatched and not yet delivered
@@ -150,6 +151,11 @@ class Engine:
     @property
     def live_rows(self) -> int:
         return sum(1 for r in self._slots if r is not None and not r.finished)
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows the sampler runs now: the live ones, padded to a compiled batch size."""
+        return len(self._slots)
 
     # --- the engine thread ------------------------------------------------------------
 
@@ -203,7 +209,7 @@ class Engine:
                 seen.add(id(c))
                 c.error = message
                 c._emit(None)
-        self._state, self._slots, self._controls, self._inflight = None, [], None, None
+        self._state, self._slots, self._controls, self._inflight, self._padded = None, [], None, None, 0
 
     def _step(self, joining: list[Completion]) -> None:
         """One chunk. The next chunk is dispatched before this one's characters are decoded and
@@ -258,7 +264,7 @@ class Engine:
                 self._slots[i] = None
                 changed = True
         if changed and all(r is None for r in self._slots):
-            self._state, self._slots, self._inflight = None, [], None
+            self._state, self._slots, self._inflight, self._padded = None, [], None, 0
         return changed
 
     def _join(self, joining: list[Completion]) -> None:
@@ -309,10 +315,12 @@ class Engine:
         live = [i for i, r in enumerate(self._slots) if r is not None]
         b = bucket(len(live))
         # Shrink only when three quarters of the batch are padding: rows leaving one by one
-        # then do not step through (and compile) every smaller size on the way down.
-        current = bucket(len(self._slots))
-        if len(live) * 4 > current:
-            b = max(b, min(current, self.max_batch_bucket))
+        # then do not step through (and compile) every smaller size on the way down. The size
+        # kept is the last one chosen, not the slot count: rows that join are appended after
+        # its padding, and counting that padding as rows doubled the batch.
+        if self._padded >= b and len(live) * 4 > self._padded:
+            b = self._padded
+        self._padded = b
         idx = np.array(live + [live[0]] * (b - len(live)), np.int64)
         state = _take(_host(self._state), idx)
         done = np.array(state.done_B, bool)
