@@ -27,7 +27,7 @@ import numpy as np
 
 from charrnn import data
 from charrnn.errors import CharrnnError
-from charrnn.vocab import START
+from charrnn.vocab import START, json_record
 
 LABELS_FILE = "labels.json"  # the label vocabulary, in the run directory
 STREAM_FILE = "labels.npy"  # the label id of every token of tokens.npy, in the run directory
@@ -141,13 +141,7 @@ class LabelVocab:
     @classmethod
     def from_json(cls, text: str) -> "LabelVocab":
         """Parse ``labels.json``; ``CharrnnError`` naming the field when it is malformed."""
-        try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise CharrnnError(f"labels are not valid JSON: {e}") from None
-        if not isinstance(d, dict) or d.get("format") != LABELS_FORMAT:
-            got = d.get("format") if isinstance(d, dict) else None
-            raise CharrnnError(f"labels: field 'format' is {got!r}, expected {LABELS_FORMAT}")
+        d = json_record(text, "labels.json", LABELS_FORMAT)
         entries = d.get("labels")
         if not isinstance(entries, list) or not all(
                 isinstance(e, dict) and set(e) == {"name", "documents"} for e in entries):

@@ -97,19 +97,27 @@ class Vocab:
     @classmethod
     def from_json(cls, text: str) -> "Vocab":
         """Parse ``vocab.json``; raises ``CharrnnError`` when it is malformed."""
-        try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise CharrnnError(f"vocabulary is not valid JSON: {e}") from None
-        if not isinstance(d, dict) or not isinstance(d.get("chars"), list):
+        d = json_record(text, "vocabulary", VOCAB_FORMAT)
+        if not isinstance(d.get("chars"), list):
             raise CharrnnError("vocabulary: field 'chars' must be a list")
-        if d.get("format") != VOCAB_FORMAT:
-            raise CharrnnError(f"vocabulary: field 'format' is {d.get('format')!r}, expected {VOCAB_FORMAT}")
         if (d.get("start_id"), d.get("end_id"), d.get("first_char_id")) != (START, END, NUM_SPECIAL):
             raise CharrnnError("vocabulary: special token ids do not match this version of charrnn")
         if not all(isinstance(c, str) for c in d["chars"]):
             raise CharrnnError("vocabulary: field 'chars' must hold strings")
         return cls(tuple(d["chars"]))
+
+
+def json_record(text: str, what: str, version: int) -> dict:
+    """A run file's JSON object (``vocab.json``, ``labels.json``) after checking its ``format``
+    field is ``version``; ``CharrnnError`` naming ``what`` when it is not."""
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise CharrnnError(f"{what} is not valid JSON: {e}") from None
+    got = d.get("format") if isinstance(d, dict) else None
+    if got != version:
+        raise CharrnnError(f"{what}: field 'format' is {got!r}, expected {version}")
+    return d
 
 
 def describe_chars(chars: Sequence[str], limit: int = 20) -> str:

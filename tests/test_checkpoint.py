@@ -8,8 +8,6 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from charrnn import checkpoint as ckpt
 from charrnn.checkpoint import CheckpointError
@@ -262,33 +260,6 @@ def test_meta_must_be_an_object(tmp_path):
     (path / "meta.json").write_text("[1, 2]")
     resign(path)
     assert_refused(path, "meta.json", "JSON object")
-
-
-@given(st.data())
-def test_random_damage_is_a_checkpoint_error(tmp_path_factory, data):
-    """Any truncation or byte change of state.safetensors is refused (or, if harmless, read back) —
-    never another exception type, even when the manifest is forged to match."""
-    tmp = tmp_path_factory.mktemp("fuzz")
-    path = write(tmp)
-    raw = bytearray((path / ckpt.STATE_FILE).read_bytes())
-    kind = data.draw(st.sampled_from(["flip", "truncate", "splice"]))
-    if kind == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            i = data.draw(st.integers(0, len(raw) - 1))
-            raw[i] = data.draw(st.integers(0, 255))
-    elif kind == "truncate":
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
-    else:
-        i = data.draw(st.integers(0, len(raw)))
-        raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
-    (path / ckpt.STATE_FILE).write_bytes(bytes(raw))
-    resign(path)
-    try:
-        tensors, _ = ckpt.read_checkpoint(path, EXPECTED)
-    except CheckpointError as e:
-        assert str(path / ckpt.STATE_FILE) in str(e)
-    else:
-        assert tensors.keys() == TENSORS.keys()
 
 
 # --- atomic writes, pointers, pruning -------------------------------------------------------------

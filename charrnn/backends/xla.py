@@ -152,29 +152,28 @@ def _shift_in(first_BxH, seq_TxBxH):
     return jnp.concatenate([first_BxH[None], seq_TxBxH[:-1]], axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _scan_layer(kind, dtype, w, carry0, xw_TxBxH, keep_TxBx1):
+def _forward_scan(kind, dtype, w, carry0, xw_TxBxH, keep_TxBx1, emit):
+    """The layer's steps over time; each step outputs ``emit(carry, saved)`` (what the caller
+    keeps: the primal keeps the hidden state, the VJP's forward pass what backward reads)."""
     w = _in_loop_weights(w, dtype)
     forward = FORWARD[kind]
 
     def body(c, inp):
         xw, keep = inp
-        c, _ = forward(w, tuple(a * keep for a in c), xw, dtype)
-        return c, c[-1]
+        c, saved = forward(w, tuple(a * keep for a in c), xw, dtype)
+        return c, emit(c, saved)
 
     return jax.lax.scan(body, carry0, (xw_TxBxH, keep_TxBx1))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_layer(kind, dtype, w, carry0, xw_TxBxH, keep_TxBx1):
+    return _forward_scan(kind, dtype, w, carry0, xw_TxBxH, keep_TxBx1, lambda c, saved: c[-1])
+
+
 def _scan_layer_fwd(kind, dtype, w, carry0, xw_TxBxH, keep_TxBx1):
-    w_loop = _in_loop_weights(w, dtype)
-    forward = FORWARD[kind]
-
-    def body(c, inp):
-        xw, keep = inp
-        c, saved = forward(w_loop, tuple(a * keep for a in c), xw, dtype)
-        return c, (c, saved)
-
-    final, (carries_TxBxH, saved_TxBxH) = jax.lax.scan(body, carry0, (xw_TxBxH, keep_TxBx1))
+    final, (carries_TxBxH, saved_TxBxH) = _forward_scan(kind, dtype, w, carry0, xw_TxBxH, keep_TxBx1,
+                                                        lambda c, saved: (c, saved))
     return (final, carries_TxBxH[-1]), (w, carry0, carries_TxBxH, saved_TxBxH, keep_TxBx1)
 
 
