@@ -18,22 +18,25 @@ from charrnn.errors import CharrnnError
 FLOAT_BYTES = 4
 
 
-def param_count(model: ModelConfig, vocab_size: int) -> int:
+def param_count(model: ModelConfig, vocab_size: int, num_labels: int = 0) -> int:
     """Parameters of the model ``model`` over ``vocab_size`` token ids (weights and biases).
 
     Per layer: ``w_ih`` (in, G), ``w_hh`` (H, G), ``b_ih`` (G,) and for GRU ``b_hh`` (G,), with
     G = gates * H and ``in`` the vocabulary for the first layer (one-hot input) and H after;
-    then the output layer ``w_out`` (H, V) and ``b_out`` (V,).
+    then the output layer ``w_out`` (H, V) and ``b_out`` (V,). A labelled model (``num_labels``
+    > 0) adds its label vectors (num_labels, label_dim) and their rows of the first ``w_ih``.
     """
     hidden, gates = model.hidden, GATES[model.cell] * model.hidden
-    total = 0
+    label_dim = model.label_dim if num_labels else 0
+    total = num_labels * label_dim
     for layer in range(model.layers):
-        fan_in = vocab_size if layer == 0 else hidden
+        fan_in = vocab_size + label_dim if layer == 0 else hidden
         total += fan_in * gates + hidden * gates + gates * (2 if model.cell == "gru" else 1)
     return total + hidden * vocab_size + vocab_size
 
 
-def step_bytes(config: RunConfig, vocab_size: int, training: bool = True, rows: int = 1) -> int:
+def step_bytes(config: RunConfig, vocab_size: int, training: bool = True, rows: int = 1,
+               num_labels: int = 0) -> int:
     """An estimate (within a small factor, on the high side) of the memory one step holds.
 
     Training: parameters, gradients and two optimizer moments (4 copies), plus per character of
@@ -42,7 +45,7 @@ def step_bytes(config: RunConfig, vocab_size: int, training: bool = True, rows: 
     of ``rows`` rows.
     """
     m, t = config.model, config.train
-    params = param_count(m, vocab_size)
+    params = param_count(m, vocab_size, num_labels)
     if not training:
         return FLOAT_BYTES * (params + rows * (vocab_size + 4 * m.layers * m.hidden))
     per_char = m.layers * m.hidden * (GATES[m.cell] + 4) + 3 * vocab_size
@@ -66,7 +69,7 @@ def _size(n: float) -> str:
 
 
 def check_fits(config: RunConfig, vocab_size: int, *, training: bool = True, rows: int = 1, where: str = "",
-               memory: Optional[int] = None) -> None:
+               memory: Optional[int] = None, num_labels: int = 0) -> None:
     """Refuse (``CharrnnError``) a model or step that cannot fit in this machine's memory.
 
     ``training``: a train step of ``config.train``'s batch; else inference over ``rows`` rows.
@@ -76,8 +79,8 @@ def check_fits(config: RunConfig, vocab_size: int, *, training: bool = True, row
     memory = physical_memory() if memory is None else memory
     if memory is None:
         return
-    params = param_count(config.model, vocab_size)
-    need = step_bytes(config, vocab_size, training, rows)
+    params = param_count(config.model, vocab_size, num_labels)
+    need = step_bytes(config, vocab_size, training, rows, num_labels)
     if need <= memory:
         return
     m, t = config.model, config.train

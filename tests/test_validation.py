@@ -183,8 +183,10 @@ def test_param_count_matches_the_model():
     from charrnn.model import build_model, count_params
 
     for cell in ("rnn", "lstm", "gru"):
-        m = ModelConfig(cell=cell, layers=2, hidden=7)
+        m = ModelConfig(cell=cell, layers=2, hidden=7, label_dim=5)
         assert limits.param_count(m, 11) == count_params(build_model(m, 11, 0)), cell
+        # A labelled model: its label vectors and their rows of the first layer count too.
+        assert limits.param_count(m, 11, 3) == count_params(build_model(m, 11, 0, num_labels=3)), cell
 
 
 def test_sizes_beyond_the_machine_are_refused_with_the_numbers(corpus, tmp_path):
