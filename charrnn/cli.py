@@ -420,10 +420,12 @@ def _train_plan(corpus: str, config: RunConfig, out: Optional[str], resume: bool
     from charrnn.config import check_encoding
 
     check_encoding(config.data.encoding)
+    num_labels = 0
     if config.data.labels != "none":
         from charrnn import labels
 
-        corp = labels.read_labelled(corpus, config.data.labels, config.data.docs, config.data.encoding).corpus()
+        docs = labels.read_labelled(corpus, config.data.labels, config.data.docs, config.data.encoding)
+        corp, num_labels = docs.corpus(), len(docs.names)
         vocab, num_tokens = data.corpus_vocab(corp, "file")
     else:
         corp = data.load_corpus(corpus, config.data.encoding)
@@ -435,10 +437,10 @@ def _train_plan(corpus: str, config: RunConfig, out: Optional[str], resume: bool
         source, source_vocab = runs.read_run_files(Path(init_from))
         config = dataclasses.replace(config, model=source.model)
         vocab_size = source_vocab.extended(vocab.chars).size
-    limits.check_fits(config, vocab_size)
+    limits.check_fits(config, vocab_size, num_labels=num_labels)
     plan = {"corpus": corp.name, "files": len(corp.files), "tokens": num_tokens, "vocab_size": vocab_size,
-            "params": limits.param_count(config.model, vocab_size),
-            "step_bytes": limits.step_bytes(config, vocab_size),
+            "labels": num_labels, "params": limits.param_count(config.model, vocab_size, num_labels),
+            "step_bytes": limits.step_bytes(config, vocab_size, num_labels=num_labels),
             "run_dir": out or str(Path("checkpoints") / corp.name), "resume": resume,
             "init_from": init_from, "config": config.to_dict()}
     click.echo(json.dumps(plan))
@@ -828,9 +830,6 @@ def serve(runs: tuple[str, ...], host: str, port: int, checkpoint: str, api_key:
         raise CharrnnError(f"two runs are named {dup!r}; model ids are run directory names and must differ")
     _setup_jax()
     loaded = {name: load(r, checkpoint) for name, r in zip(names, runs)}
-    for name, r in zip(names, runs):
-        if loaded[name].labels is not None:
-            raise CharrnnError(f"{r} is a labelled run (--labels): serving labelled runs is not supported yet")
     sock = bind(host, port)
     server = make_server(create_app(loaded, limits, api_key=api_key, warm_up=True), sock)
     url = f"http://{host}:{sock.getsockname()[1]}"
@@ -873,8 +872,6 @@ def export(run: str, checkpoint: str, onnx_path: Optional[str], html_path: Optio
 
         writers.append((outputs["html"], write_html))
     model = load(Path(run), checkpoint)
-    if model.labels is not None:
-        raise CharrnnError(f"{run} is a labelled run (--labels): exporting labelled runs is not supported yet")
     for path, write in writers:
         _write_atomically(path, lambda tmp: write(model, tmp))
         click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")

@@ -89,3 +89,55 @@ def test_a_refused_request_shows_the_servers_message(served):
         page.click("#generate")
         page.wait_for_function("document.querySelector('#status').className === 'error'")
         assert "top_p" in page.text_content("#status")
+
+
+def _two_styles(path):
+    """Documents of two obvious kinds: upper-case letters or digits (as tests/test_labels.py)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = [("upper\t" + "".join(rng.choice(list("ABCDEFGHIJ"), 30))) if k % 2 else
+             ("digits\t" + "".join(rng.choice(list("0123456789"), 30))) for k in range(30)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def served_labelled(served, tmp_path_factory):
+    from charrnn.config import DataConfig
+
+    _, tiny = served
+    root = tmp_path_factory.mktemp("playground-labels")
+    config = RunConfig(model=ModelConfig(cell="gru", layers=1, hidden=16, label_dim=2),
+                       data=DataConfig(labels="tsv", val_frac=0.2),
+                       train=TrainConfig(max_steps=10, batch_size=4, seq_len=16, lr=1e-2))
+    styles = charrnn.load(charrnn.train(str(_two_styles(root / "styles.tsv")), config,
+                                        out=str(root / "styles")).run_dir, "latest")
+    with Background(create_app({"tiny": tiny, "styles": styles}, ServeLimits(), api_key=KEY)) as server:
+        yield server, styles
+
+
+def test_a_labelled_model_gets_a_label_picker_and_its_label_is_sent(served_labelled):
+    server, styles = served_labelled
+    with chromium_page() as page:
+        requests = record_requests(page)
+        page.goto(server.url + "/")
+        page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_function("document.querySelector('#model').options.length > 1")
+        assert page.is_hidden("#label-box")  # "tiny" has no labels
+        page.select_option("#model", "styles")
+        assert page.is_visible("#label-box")
+        options = page.eval_on_selector_all("#label option", "os => os.map(o => [o.value, o.textContent])")
+        assert [v for v, _ in options] == ["", "digits", "upper"]
+        assert options[0][1] == "any (drawn)"
+        page.select_option("#label", "upper")
+        page.fill("#prompt", "")
+        page.fill("#max_tokens", "40")
+        page.fill("#seed", "3")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
+        want = styles.sample(SampleConfig(prime="", length=40, seed=3, temperature=0.8, label="upper"))[0].text
+        assert page.text_content("#output") == want
+        assert page.text_content("#status").endswith("label: upper")
+        assert all(u.startswith(server.url) for u in requests), requests

@@ -354,3 +354,152 @@ def test_cli_serves_and_exits_0_on_a_signal(tiny_run, sig):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+# --- labelled runs (trained with --labels): the `label` field ---------------------------------
+
+def _two_styles(path, docs=40, seed=0):
+    """Documents of two obvious kinds (as tests/test_labels.py): upper-case letters or digits."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = []
+    for k in range(docs):
+        kind = "upper" if k % 2 else "digits"
+        alphabet = "ABCDEFGHIJ" if kind == "upper" else "0123456789"
+        lines.append(kind + "\t" + "".join(rng.choice(list(alphabet), rng.integers(20, 40))))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def styles_run(tmp_path_factory):
+    from charrnn.config import DataConfig
+
+    root = tmp_path_factory.mktemp("serve-labels")
+    config = RunConfig(model=ModelConfig(cell="gru", layers=1, hidden=32, label_dim=4),
+                       data=DataConfig(labels="tsv", val_frac=0.2),
+                       train=TrainConfig(max_steps=60, batch_size=8, seq_len=32, lr=1e-2))
+    result = charrnn.train(str(_two_styles(root / "styles.tsv")), config, out=str(root / "styles"))
+    return charrnn.load(result.run_dir, "latest")
+
+
+@pytest.fixture(scope="module")
+def styles_server(styles_run, tiny_run):
+    with Background(create_app({"styles": styles_run, "tiny": tiny_run}, LIMITS, api_key=KEY)) as s:
+        yield s
+
+
+@pytest.fixture
+def styles_client(styles_server):
+    return openai.OpenAI(base_url=styles_server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _label(choice):
+    return (choice.model_extra or {}).get("label")
+
+
+def test_a_labelled_model_lists_its_labels(styles_client, styles_run):
+    meta = {m.id: m.model_extra["meta"] for m in styles_client.models.list().data}
+    assert meta["styles"]["labels"] == [{"name": n, "documents": c}
+                                        for n, c in zip(styles_run.labels.names, styles_run.labels.counts)]
+    assert [d["name"] for d in meta["styles"]["labels"]] == ["digits", "upper"]
+    assert "labels" not in meta["tiny"]
+
+
+@pytest.mark.parametrize("label", ["upper", "digits", "upper=0.7,digits=0.3"])
+def test_a_seeded_labelled_completion_is_charrnn_sample(styles_client, styles_run, label):
+    out = styles_client.completions.create(model="styles", prompt="", max_tokens=60, seed=5, n=2,
+                                           extra_body={"label": label})
+    assert [c.text for c in out.choices] == expected(styles_run, "", 60, 5, n=2, label=label)
+    assert [_label(c) for c in out.choices] == [label, label]
+
+
+def test_without_a_label_each_row_draws_the_label_charrnn_sample_draws(styles_client, styles_run):
+    drawn = set()
+    for seed in (1, 2, 3):
+        out = styles_client.completions.create(model="styles", prompt="", max_tokens=50, seed=seed, n=4)
+        samples = styles_run.sample(SampleConfig(prime="", length=50, seed=seed, num_samples=4))
+        assert [c.text for c in out.choices] == [s.text for s in samples]
+        assert [_label(c) for c in out.choices] == [s.label for s in samples]
+        drawn |= {s.label for s in samples}
+    assert drawn == {"digits", "upper"}  # the rows of a request draw labels, not one for all
+
+
+@pytest.mark.parametrize("label, needle", [
+    ("nope", "unknown label 'nope' (known: digits, upper)"),
+    ("upper=x", "weight of 'upper' must be a number >= 0"),
+    ("upper=1,nope=1", "unknown label 'nope'"),
+    ("upper=0,digits=0", "must not all be 0"),
+    ("", "unknown label ''"),
+    (3, "label must be a string"),
+])
+def test_a_bad_label_is_a_bad_request_naming_the_field(styles_client, label, needle):
+    with pytest.raises(openai.BadRequestError) as e:
+        styles_client.completions.create(model="styles", prompt="", max_tokens=5, extra_body={"label": label})
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == "label", e.value.body
+    assert needle in e.value.body["message"]
+    assert "--label" not in e.value.body["message"]
+
+
+def test_a_label_for_an_unlabelled_model_is_a_bad_request(styles_client):
+    with pytest.raises(openai.BadRequestError) as e:
+        styles_client.completions.create(model="tiny", prompt="the ", max_tokens=5, extra_body={"label": "upper"})
+    assert e.value.body["param"] == "label"
+    assert "without labels" in e.value.body["message"]
+    out = styles_client.completions.create(model="tiny", prompt="the ", max_tokens=5, seed=1)
+    assert _label(out.choices[0]) is None  # unlabelled models' choices carry no label
+
+
+@pytest.mark.parametrize("label", [None, "digits"])
+def test_a_labelled_stream_concatenates_to_the_plain_text(styles_client, label):
+    extra = {} if label is None else {"label": label}
+    plain = styles_client.completions.create(model="styles", prompt="", max_tokens=80, seed=11, n=3, extra_body=extra)
+    pieces, labels = [""] * 3, [set(), set(), set()]
+    for chunk in styles_client.completions.create(model="styles", prompt="", max_tokens=80, seed=11, n=3,
+                                                  stream=True, extra_body=extra):
+        for c in chunk.choices:
+            pieces[c.index] += c.text
+            labels[c.index].add(_label(c))
+    assert pieces == [c.text for c in plain.choices]
+    assert labels == [{_label(c)} for c in plain.choices]  # every chunk of a row names its label
+
+
+def _labelled_text(url: str, seed: int, max_tokens: int, label, prompt: str) -> list[str]:
+    c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    out = c.completions.create(model="styles", prompt=prompt, max_tokens=max_tokens, seed=seed, n=2,
+                               extra_body={} if label is None else {"label": label})
+    return [ch.text for ch in out.choices]
+
+
+def test_concurrent_labelled_requests_get_their_single_client_texts(styles_server, styles_run):
+    """Rows of different labels share one batch; a row's text never depends on its neighbours."""
+    asks = [(21, 40, "upper", ""), (22, 90, None, "1"), (23, 60, "digits=0.5,upper=0.5", "AB"), (24, 120, "digits", "")]
+    alone = [_labelled_text(styles_server.url, *a) for a in asks]
+    assert alone[0] == expected(styles_run, "", 40, 21, n=2, label="upper")
+    assert alone[2] == expected(styles_run, "AB", 60, 23, n=2, label="digits=0.5,upper=0.5")
+    crowd = [None] * len(asks)
+
+    def one(i):
+        crowd[i] = _labelled_text(styles_server.url, *asks[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert crowd == alone
+
+
+def test_a_labelled_engine_warms_up(styles_run):
+    engine = Engine(styles_run, max_batch=4, chunk=16)
+    engine.warm_up(rows=4, prompt=4)  # the programs of labelled rows compile without a request
+
+
+def test_cli_serves_labelled_runs(styles_run, monkeypatch):
+    with socket.socket() as s:  # a busy port: the CLI gets past loading the run, then stops at listening
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        result = _cli(monkeypatch, "serve", styles_run.run_dir, "--port", s.getsockname()[1])
+    assert_refused(result, "cannot listen")

@@ -135,9 +135,7 @@ def create_app(runs: dict, limits: ServeLimits = ServeLimits(), api_key: Optiona
         authorize(request)
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "charrnn",
-             "meta": {"cell": run.config.model.cell, "layers": run.config.model.layers,
-                      "hidden": run.config.model.hidden, "vocab_size": run.vocab.size, "step": run.step}}
-            for name, run in runs.items()]}
+             "meta": _model_meta(run)} for name, run in runs.items()]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, request: Request):
@@ -153,7 +151,7 @@ def create_app(runs: dict, limits: ServeLimits = ServeLimits(), api_key: Optiona
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has: "
                                 f"{', '.join(sorted(engines))}", "model", "model_not_found")
         engine = engines[body.model]
-        job = check_request(body, engine.run.vocab, limits)
+        job = check_request(body, engine.run.vocab, limits, engine.run.labels)
         if active["requests"] >= limits.max_concurrent:
             raise ApiError(429, f"this server is already generating {limits.max_concurrent} requests "
                                 "(--max-concurrent); retry shortly", None, "too_many_requests",
@@ -171,6 +169,26 @@ def create_app(runs: dict, limits: ServeLimits = ServeLimits(), api_key: Optiona
             active["requests"] -= 1
 
     return app
+
+
+def _model_meta(run) -> dict:
+    """What ``GET /v1/models`` tells about a run; a labelled run's labels with their training
+    document counts (what a request's ``label`` may name, and the proportions rows draw from)."""
+    c = run.config.model
+    meta = {"cell": c.cell, "layers": c.layers, "hidden": c.hidden, "vocab_size": run.vocab.size, "step": run.step}
+    if run.labels is not None:
+        meta["labels"] = [{"name": n, "documents": k} for n, k in zip(run.labels.names, run.labels.counts)]
+    return meta
+
+
+def _choice(job, index: int, text: str, finish: Optional[str]) -> dict:
+    """One choice; a labelled model's carries ``label``, the label or mix its row is written in
+    (an extra key: OpenAI's clients keep it, as ``choice.model_extra["label"]`` in ``openai``)."""
+    choice = {"text": text, "index": index, "finish_reason": finish, "logprobs": None}
+    label = job.labels[index] if job.labels else None
+    if label is not None:
+        choice["label"] = label
+    return choice
 
 
 async def _collect(completion: Completion, meta: dict, request: Request):
@@ -195,8 +213,7 @@ async def _collect(completion: Completion, meta: dict, request: Request):
     used = sum(len(t) for t in texts)
     prefix = job.prompt if job.echo else ""
     return {**meta, "object": "text_completion",
-            "choices": [{"text": prefix + t, "index": i, "finish_reason": f or "length", "logprobs": None}
-                        for i, (t, f) in enumerate(zip(texts, finish))],
+            "choices": [_choice(job, i, prefix + t, f or "length") for i, (t, f) in enumerate(zip(texts, finish))],
             "usage": _usage(job, used)}
 
 
@@ -236,8 +253,7 @@ async def _stream(completion: Completion, meta: dict):
     try:
         if job.echo and job.prompt:
             for i in range(job.n):
-                yield _sse({**base, "choices": [{"text": job.prompt, "index": i, "finish_reason": None,
-                                                 "logprobs": None}]})
+                yield _sse({**base, "choices": [_choice(job, i, job.prompt, None)]})
         while True:
             items = await completion.events.get()
             if items is None:
@@ -245,8 +261,7 @@ async def _stream(completion: Completion, meta: dict):
             # One choice per event, as OpenAI streams: clients often read only choices[0].
             for index, text, reason in items:
                 used += len(text)
-                yield _sse({**base, "choices": [{"text": text, "index": index, "finish_reason": reason,
-                                                 "logprobs": None}]})
+                yield _sse({**base, "choices": [_choice(job, index, text, reason)]})
         if completion.error:
             yield _sse(error_body(completion.error, "server_error"))
         elif job.include_usage:

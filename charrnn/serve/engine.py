@@ -5,7 +5,9 @@ their client goes away), so many clients share one batched sampling loop instead
 or each running their own. Each row keeps its own controls, stop strings and seed-derived key
 (row ``i`` of a request seeded ``S`` draws from ``charrnn.sample.row_keys(S, n)[i]``), so a
 row's text depends only on its request, never on which other requests share the batch: a
-seeded request returns what ``charrnn sample --seed S -n N`` prints.
+seeded request returns what ``charrnn sample --seed S -n N`` prints. A labelled run's rows carry
+their label term in their state (``model_step_fn(..., labelled=True)``), so rows of different
+labels share the batch too.
 
 The batch is padded to a power of two with finished rows, and new prompts are primed in
 power-of-two buckets of rows and length, so the sampler compiles a few programs, not one per
@@ -25,6 +27,7 @@ import jax
 import numpy as np
 
 from charrnn import sample as sampler
+from charrnn.config import GATES
 from charrnn.serve.protocol import Job
 from charrnn.vocab import START
 
@@ -99,7 +102,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_batch_bucket = bucket(max_batch)
         self.chunk = chunk
-        step_fn = sampler.model_step_fn(run.graphdef, run._dtype)
+        step_fn = sampler.model_step_fn(run.graphdef, run._dtype, labelled=run.labels is not None)
         # The penalty program keeps per-row character counts; the plain one is today's exact
         # computation and runs whenever no live row asks for a penalty (same tokens either way).
         self._prime, self._generate_pen = sampler.make_sampler(step_fn, chunk, penalties=True)
@@ -277,19 +280,34 @@ class Engine:
         for c in joining:
             job = c.job
             self._slots += [_Row(c, i, job.max_tokens, sampler.StopMatcher(list(job.stop))) for i in range(job.n)]
-            parts.append(self._prime_rows([job.prompt_ids] * job.n, np.asarray(sampler.row_keys(job.seed, job.n))))
+            parts.append(self._prime_rows([job.prompt_ids] * job.n, np.asarray(sampler.row_keys(job.seed, job.n)),
+                                          job.label_weights_NxL))
         self._state = _concat(parts)
 
-    def _prime_rows(self, prompts: list, keys_Nx2: np.ndarray):
-        """The primed per-row state (numpy, params left out) of ``len(prompts)`` rows."""
+    def _prime_rows(self, prompts: list, keys_Nx2: np.ndarray, label_weights_NxL=None):
+        """The primed per-row state (numpy, params left out) of ``len(prompts)`` rows
+        (``label_weights_NxL``: a labelled run's rows' label mixes; None primes label terms of 0)."""
         n = len(prompts)
         b = bucket(n)
         prompt_BxP = sampler.pad_prompts(list(prompts) + [np.zeros(0, np.int32)] * (b - n))
         keys = np.concatenate([keys_Nx2.astype(np.uint32), np.zeros((b - n, 2), np.uint32)])
-        carry = sampler.ModelCarry(self._params, self.run._zero_carry(b))
+        carry = sampler.ModelCarry(self._params, self._start_state(n, b, label_weights_NxL))
         counts = np.zeros((b, self.vocab_size), np.int32)
         primed = self._prime(carry, prompt_BxP, keys, counts)
         return _take(_host(primed._replace(carry=primed.carry.state)), np.arange(n))
+
+    def _start_state(self, n: int, b: int, label_weights_NxL=None):
+        """The start state of ``n`` rows padded to ``b``: zeros, and on a labelled run each row's
+        label term beside them (the padding rows' terms 0)."""
+        if self.run.labels is None:
+            return self.run._zero_carry(b)
+        model = self.run.config.model
+        term_BxG = np.zeros((b, GATES[model.cell] * model.hidden), np.float32)
+        if label_weights_NxL is not None:
+            # The terms of exactly the request's n rows, as Run.sample computes them: a product
+            # over another batch size may round a label mix differently.
+            term_BxG[:n] = self.run._start_state(n, label_weights_NxL)[0]
+        return term_BxG, self.run._zero_carry(b)
 
     def warm_up(self, rows: int = 64, prompt: int = 64) -> None:
         """Compile now what requests will need: ``generate`` for every batch size bucket up to

@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from charrnn import labels as labels_mod
+from charrnn.errors import CharrnnError
 from charrnn.serve.limits import ServeLimits
 from charrnn.vocab import describe_chars
 
@@ -61,6 +63,7 @@ class CompletionRequest(BaseModel):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
+    label: Optional[str] = None
     logprobs: Optional[Any] = None
     best_of: Optional[Any] = None
     suffix: Optional[Any] = None
@@ -88,6 +91,10 @@ class Job:
     stream: bool
     echo: bool
     include_usage: bool = False  # stream_options.include_usage: a last event with usage
+    # A labelled model's rows: each row's label weights (float32 ``(n, L)``) and the label or mix
+    # it is written in (``labels.row_labels``); None and ``(None,) * n`` for an unlabelled model.
+    label_weights_NxL: Any = None
+    labels: tuple = ()
 
 
 def _finite(name: str, value: Optional[float]) -> None:
@@ -95,8 +102,21 @@ def _finite(name: str, value: Optional[float]) -> None:
         raise ApiError(400, f"{name} must be a finite number, not {value}", name)
 
 
-def check_request(req: CompletionRequest, vocab, limits: ServeLimits) -> Job:
-    """The request as a ``Job``, or ``ApiError`` naming the first field that is wrong."""
+def row_labels(label_vocab: Optional[labels_mod.LabelVocab], label: Optional[str], n: int, seed: int):
+    """``labels.row_labels`` for a request: what ``Run.sample`` gives rows seeded ``seed``, or
+    ``ApiError`` naming ``label`` (an unknown label, a malformed mix, a label for an unlabelled model)."""
+    try:
+        return labels_mod.row_labels(label_vocab, label, n, seed)
+    except CharrnnError as e:
+        # The messages name the CLI flag; here the field is ``label``.
+        raise ApiError(400, str(e).replace("--label", "label"), "label", "invalid_label") from None
+
+
+def check_request(req: CompletionRequest, vocab, limits: ServeLimits,
+                  label_vocab: Optional[labels_mod.LabelVocab] = None) -> Job:
+    """The request as a ``Job``, or ``ApiError`` naming the first field that is wrong.
+
+    ``label_vocab``: a labelled model's labels (``Run.labels``), which ``label`` is checked against."""
     if req.logprobs not in (None, 0, False):
         raise ApiError(400, "logprobs is not supported by charrnn's server", "logprobs")
     if req.best_of not in (None, 1):
@@ -142,16 +162,18 @@ def check_request(req: CompletionRequest, vocab, limits: ServeLimits) -> Job:
     if any(s == "" for s in stop):
         raise ApiError(400, "stop strings must not be empty", "stop")
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
+    weights_NxL, names = row_labels(label_vocab, req.label, n, seed)
     return Job(model=req.model, prompt=req.prompt, prompt_ids=vocab.encode(req.prompt), n=n,
                max_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=top_p,
                greedy=bool(req.greedy) or temperature == 0.0,
                presence=req.presence_penalty or 0.0, frequency=req.frequency_penalty or 0.0,
                repetition=repetition, seed=seed, stop=stop, stream=bool(req.stream), echo=bool(req.echo),
-               include_usage=bool((req.stream_options or {}).get("include_usage")))
+               include_usage=bool((req.stream_options or {}).get("include_usage")),
+               label_weights_NxL=weights_NxL, labels=tuple(names))
 
 
 # What each field must be, for type errors' messages.
-EXPECTED = {"model": "a string", "prompt": "a string", "stop": "a string or a list of strings",
+EXPECTED = {"model": "a string", "prompt": "a string", "label": "a string", "stop": "a string or a list of strings",
             "stream": "true or false", "echo": "true or false", "greedy": "true or false",
             "stream_options": "an object", **{f: "an integer" for f in ("max_tokens", "n", "seed", "top_k")},
             **{f: "a number" for f in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
