@@ -151,3 +151,112 @@ def test_page_in_chromium_matches_charrnn(trained):
 
         assert errors == []
         assert requests == [file_url(path)], "the page made a request of its own"
+
+
+# --- a labelled run ----------------------------------------------------------------------------
+
+# Two labels whose documents part after "the ": the label alone decides the greedy text. "dog"
+# has more documents, so the page's default label is not simply the first.
+LABELLED = "cat\tthe cat sat on the mat.\n" * 6 + "dog\tthe dog ran to the barn!\n" * 12
+
+
+@pytest.fixture(scope="module", params=["rnn", "lstm", "gru"])
+def labelled(request, tmp_path_factory):
+    """``(run, page_path)``: a labelled model of ``LABELLED`` for each cell kind, exported by the CLI."""
+    from click.testing import CliRunner
+
+    from charrnn.cli import cli
+
+    root = tmp_path_factory.mktemp(f"html-labelled-{request.param}")
+    corpus = root / "labelled.tsv"
+    corpus.write_text(LABELLED, encoding="utf-8")
+    config = RunConfig(model=ModelConfig(cell=request.param, layers=2, hidden=32, label_dim=4),
+                       data=DataConfig(labels="tsv", val_frac=0.0),
+                       train=TrainConfig(max_steps=150, batch_size=8, seq_len=32, lr=1e-2))
+    run_dir = charrnn.train(corpus, config, out=root / "run").run_dir
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--html", str(root / "demo.html")])
+    assert result.exit_code == 0, result.output
+    return charrnn.load(run_dir), root / "demo.html"
+
+
+def test_labelled_page_embeds_the_labels_and_their_term(labelled):
+    from flax import nnx
+
+    run, path = labelled
+    model = embedded_model(path.read_text(encoding="utf-8"))
+    assert model["labels"] == {"names": ["cat", "dog"], "counts": [6, 12], "default": 1}
+    table = np.asarray(nnx.merge(run.graphdef, run.params).label_table())
+    assert table.shape == (2, {"rnn": 1, "lstm": 4, "gru": 3}[run.config.model.cell] * 32)
+    np.testing.assert_array_equal(decode_tensor(model["tensors"]["label_table"]), table)
+    # Layer 0's label rows are folded into the table: the page keeps only the character rows.
+    w_ih = np.asarray(run.params["cells"][0]["w_ih"])
+    np.testing.assert_array_equal(decode_tensor(model["tensors"]["cells.0.w_ih"]), w_ih[:run.vocab.size])
+    assert "2 labels" in path.read_text(encoding="utf-8")
+
+
+def test_unlabelled_page_has_no_labels(trained):
+    _, path = trained
+    model = embedded_model(path.read_text(encoding="utf-8"))
+    assert "labels" not in model and "label_table" not in model["tensors"]
+
+
+def _cli_greedy(run, prime: str, length: int, label: str) -> str:
+    """``charrnn sample --greedy --label LABEL``'s text, through the CLI itself."""
+    from click.testing import CliRunner
+
+    from charrnn.cli import cli
+
+    result = CliRunner().invoke(cli, ["sample", str(run.run_dir), "--greedy", "--json", "--prime", prime,
+                                      "--length", str(length), "--label", label])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.splitlines()[-1])["text"]
+
+
+def test_labelled_page_in_chromium_matches_charrnn(labelled):
+    run, path = labelled
+    with chromium_page() as page:
+        requests = record_requests(page)
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(file_url(path))
+
+        # The picker: every label, the most frequent chosen.
+        assert page.is_visible("#label")
+        options = page.eval_on_selector_all("#label option", "(os) => os.map((o) => [o.value, o.textContent])")
+        assert [value for value, _ in options] == ["0", "1"]
+        assert [text.split(" ")[0] for _, text in options] == ["cat", "dog"]
+        assert page.input_value("#label") == "1"
+
+        # Greedy text for each label equals `charrnn sample --greedy --label L`, and differs by label.
+        texts = {}
+        for label in ("dog", "cat"):
+            page.select_option("#label", label=next(t for _, t in options if t.startswith(label + " ")))
+            for prime, length in [("the ", 40), ("", 40)]:
+                expected = _cli_greedy(run, prime, length, label)
+                assert expected == run.sample(SampleConfig(greedy=True, prime=prime, length=length,
+                                                           label=label))[0].text
+                texts[label, prime] = _generate(page, prime, length)
+                assert texts[label, prime] == expected, (label, prime)
+            assert f"label {label}" in page.text_content("#status")
+        assert texts["cat", "the "] != texts["dog", "the "]
+
+        # The network step for step under each label: the model's logits over a whole document.
+        from flax import nnx
+        model = nnx.merge(run.graphdef, run.params)
+        tokens = np.concatenate([[START], run.vocab.encode("the dog ran to the barn!")]).astype(np.int32)
+        for index in (0, 1):
+            js_TxV = np.array(page.evaluate(
+                "([tokens, index]) => { const s = charrnnDemo.zeroState(), term = charrnnDemo.labelTerm(index); "
+                "return tokens.map((t) => Array.from(charrnnDemo.step(s, t, term))); }", [tokens.tolist(), index]))
+            _, logits_BxTxV = model(model.initial_carry(1), tokens[None, :], np.full((1, len(tokens)), index))
+            np.testing.assert_allclose(js_TxV, np.asarray(logits_BxTxV[0]), rtol=1e-6, atol=1e-5)
+
+        assert errors == []
+        assert requests == [file_url(path)], "the page made a request of its own"
+
+
+def test_unlabelled_page_shows_no_label_picker(trained):
+    _, path = trained
+    with chromium_page() as page:
+        page.goto(file_url(path))
+        assert not page.is_visible("#label-picker")

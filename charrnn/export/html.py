@@ -6,6 +6,11 @@ and the special ids, and a small JavaScript sampler for the run's cell kind that
 product and sum, sums over the input in index order), so its greedy text is
 ``charrnn sample --greedy``'s. It needs no network and no library: a Content-Security-Policy
 forbids every request, and the page can be opened straight from disk.
+
+A labelled run's page also carries its labels (names, training counts, the most frequent as the
+default) and ``label_table``, each label's term in the first layer's gates
+(``CharRNN.label_table``); a picker chooses the label and the sampler adds its row to the first
+layer's input, as ``charrnn sample --label`` does.
 """
 
 from __future__ import annotations
@@ -42,21 +47,41 @@ def model_json(run) -> dict:
 
     Tensors are named ``cells.<layer>.<w_ih|w_hh|b_ih|b_hh>``, ``w_out`` and ``b_out`` (``b_hh``
     for the GRU only: the other cells fold it into ``b_ih``); layer 0's ``w_ih`` rows are the
-    token ids (its input is one-hot).
+    token ids (its input is one-hot). A labelled run adds ``labels`` (``names``, ``counts``,
+    ``default``: the index of the most frequent) and the ``label_table`` tensor ``(labels, G)``,
+    which stands for layer 0's label rows of ``w_ih`` (left out).
     """
     m = run.config.model
     params = run.params
+    V = run.vocab.size
     tensors = {}
     for layer in range(m.layers):
         cell = params["cells"][layer]
         for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
             if name in cell:
-                tensors[f"cells.{layer}.{name}"] = encode_tensor(cell[name])
+                value = cell[name][:V] if layer == 0 and name == "w_ih" else cell[name]
+                tensors[f"cells.{layer}.{name}"] = encode_tensor(value)
     tensors["w_out"] = encode_tensor(params["w_out"])
     tensors["b_out"] = encode_tensor(params["b_out"])
-    return {"format": MODEL_FORMAT, "cell": m.cell, "layers": m.layers, "hidden": m.hidden,
+    spec = {"format": MODEL_FORMAT, "cell": m.cell, "layers": m.layers, "hidden": m.hidden,
             "start_id": START, "end_id": END, "first_char_id": NUM_SPECIAL,
             "chars": list(run.vocab.chars), "tensors": tensors}
+    if run.labels is not None:
+        spec["labels"] = _labels_json(run.labels)
+        tensors["label_table"] = encode_tensor(_label_table(run))
+    return spec
+
+
+def _labels_json(labels) -> dict:
+    # The default is Run.beam_search's: the most frequent label, the first of equals.
+    return {"names": list(labels.names), "counts": list(labels.counts), "default": int(np.argmax(labels.counts))}
+
+
+def _label_table(run) -> np.ndarray:
+    """The model's own ``label_table`` (the very values ``charrnn sample --label`` adds)."""
+    from flax import nnx
+
+    return np.asarray(nnx.merge(run.graphdef, run.params).label_table(), np.float32)
 
 
 def _script_safe(text: str) -> str:
@@ -69,6 +94,8 @@ def render_html(run) -> str:
     m = run.config.model
     name = Path(run.run_dir).name
     about = f"A {m.layers}-layer {m.cell.upper()} with {m.hidden} units, {run.vocab.size - NUM_SPECIAL} characters"
+    if run.labels is not None:
+        about += f", {run.labels.size} label{'s' if run.labels.size > 1 else ''}"
     about += f", trained {run.step:,} steps." if run.step else "."
     page = TEMPLATE.read_text(encoding="utf-8")
     # The model goes in last: nothing inside it is mistaken for a placeholder.
@@ -80,7 +107,8 @@ def write_html(run, path) -> Path:
     """Write the demo page for ``run`` (a ``charrnn.load`` result) to ``path``; returns the path.
 
     The page is one file that works offline: weights inline, a JavaScript sampler for the run's
-    cell kind, and prime / temperature / top-p / length / seed / greedy controls.
+    cell kind, and prime / temperature / top-p / length / seed / greedy controls (and a label
+    picker for a labelled run).
     """
     path = Path(path)
     if not path.parent.is_dir():

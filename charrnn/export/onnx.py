@@ -7,6 +7,12 @@ token is the start id (as charrnn's model does wherever it reads a start token);
 input is a ``Gather`` of identity rows; each layer is ONNX's own ``RNN`` / ``LSTM`` / ``GRU``
 operator over a sequence of length 1; the output layer is a ``Gemm``. The vocabulary and the
 special ids travel in the model's metadata (``metadata_props``).
+
+A labelled run's graph also reads ``label_weights`` (float32 ``[batch, labels]``: one-hot for one
+label, a mix summing to 1 otherwise). Joined to the one-hot input, ``x = [onehot; weights]``, it
+meets ``W = [w_ih[:V]; label_table]`` in the first layer, so ``x @ W = w_ih[c] + weights @
+label_table``: the model's own label term (``CharRNN.label_term``), added to the first layer's
+gates. The label names, their order and training counts travel in the metadata.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ USAGE = ("Feed token (int64 [batch]) with h_in (float32 [layers, batch, hidden];
          "LSTM), zeros at first; each step returns logits [batch, vocab] and h_out (c_out) to feed "
          "back; start each text with start_id (it resets the state); id 2+i is vocabulary[i]; "
          "stop at end_id.")
+LABEL_USAGE = (" Labelled: feed label_weights (float32 [batch, labels]) at every step, one-hot of a label "
+               "in the order of the labels metadata, or a mix summing to 1.")
 
 
 def _onnx():
@@ -59,26 +67,43 @@ def _host(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def _json_text(strings) -> str:
+    """A JSON list of ``strings``, readable where UTF-8 allows it."""
+    text = json.dumps(list(strings), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (text read with surrogatepass): escape it
+        text = json.dumps(list(strings))
+    return text
+
+
 def metadata(run) -> dict[str, str]:
     """The ``metadata_props`` of ``run``'s ONNX model: what a sampler needs besides the graph."""
     from charrnn import __version__
 
     m = run.config.model
-    vocabulary = json.dumps(list(run.vocab.chars), ensure_ascii=False)
-    try:
-        vocabulary.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (text read with surrogatepass): escape it
-        vocabulary = json.dumps(list(run.vocab.chars))
-    return {"vocabulary": vocabulary,
-            "start_id": str(START), "end_id": str(END), "cell": m.cell, "layers": str(m.layers),
-            "hidden": str(m.hidden), "charrnn_version": __version__, "usage": USAGE}
+    props = {"vocabulary": _json_text(run.vocab.chars),
+             "start_id": str(START), "end_id": str(END), "cell": m.cell, "layers": str(m.layers),
+             "hidden": str(m.hidden), "charrnn_version": __version__, "usage": USAGE}
+    if run.labels is not None:
+        props.update(labels=_json_text(run.labels.names),
+                     label_counts=json.dumps(list(run.labels.counts)), usage=USAGE + LABEL_USAGE)
+    return props
+
+
+def _label_table(run) -> np.ndarray:
+    """``(num_labels, G)``: each label's whole term in the first layer's gates (charrnn's order)."""
+    from flax import nnx
+
+    return _host(nnx.merge(run.graphdef, run.params).label_table())
 
 
 def build_onnx(run):
     """``run``'s network as an ``onnx.ModelProto`` of one step (see the module docstring).
 
     Args:
-        run: a loaded run (``charrnn.load``): its ``config.model``, ``vocab`` and ``params``.
+        run: a loaded run (``charrnn.load``): its ``config.model``, ``vocab``, ``params`` and
+            ``labels`` (a labelled run's graph also reads ``label_weights``).
     Returns:
         The model, already checked by ``onnx.checker`` (full check, with shape inference).
     Raises:
@@ -94,7 +119,9 @@ def build_onnx(run):
     gates, lstm = len(_GATE_ORDER[kind]), kind == "lstm"
     cells = run.params["cells"]
     cells = [cells[i] for i in range(L)]  # a list, or a dict keyed by layer index
-    size = 4 * (sum(np.size(a) for c in cells for a in c.values()) + (H + 1) * V) + V * V
+    labelled = run.labels is not None
+    num_labels = run.labels.size if labelled else 0
+    size = 4 * (sum(np.size(a) for c in cells for a in c.values()) + (H + 1) * V + num_labels * gates * H) + V * V
     if size > _MAX_BYTES:
         raise CharrnnError(f"ONNX export: the model needs {size / 2**30:.1f} GiB, over protobuf's 2 GiB "
                            "limit for one file")
@@ -129,14 +156,20 @@ def build_onnx(run):
     # vocabulary of 6,000 characters), cast to float, as a sequence of length 1.
     node("Gather", [const("one_hot_rows", np.eye(V, dtype=bool)), "token"], ["one_hot_bool_BxV"], axis=0)
     node("Cast", ["one_hot_bool_BxV"], ["one_hot_BxV"], to=TensorProto.FLOAT)
-    x = node("Unsqueeze", ["one_hot_BxV", axis0], ["x_1xBxV"])[0]
+    x_BxI = "one_hot_BxV"
+    if labelled:  # x = [onehot; label_weights]: W's extra rows are the label table (module docstring)
+        x_BxI = node("Concat", ["one_hot_BxV", "label_weights"], ["x_BxVL"], axis=1)[0]
+    x = node("Unsqueeze", [x_BxI, axis0], ["x_1xBxI"])[0]
 
     tops = {s: [] for s in states}
     for i, p in enumerate(cells):
         # charrnn keeps x @ w_ih (in, G); ONNX wants W [1, G, in] with x @ W^T. For RNN and LSTM
         # b_ih already holds both biases, so ONNX's recurrent bias Rb is zero; the GRU needs its
         # own b_hh (it is scaled by r inside the candidate: linear_before_reset=1, PyTorch's GRU).
-        w = _reorder(_host(p["w_ih"]), gates, kind).T[None]
+        w_ih = _host(p["w_ih"])
+        if i == 0 and labelled:
+            w_ih = np.concatenate([w_ih[:V], _label_table(run)])
+        w = _reorder(w_ih, gates, kind).T[None]
         r = _reorder(_host(p["w_hh"]), gates, kind).T[None]
         b_hh = _host(p["b_hh"]) if "b_hh" in p else np.zeros(gates * H, np.float32)
         b = np.concatenate([_reorder(_host(p["b_ih"]), gates, kind), _reorder(b_hh, gates, kind)])[None]
@@ -160,13 +193,16 @@ def build_onnx(run):
     state_shape = [L, "batch", H]
     inputs = [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch"])]
     inputs += [helper.make_tensor_value_info(f"{s}_in", TensorProto.FLOAT, state_shape) for s in states]
+    if labelled:
+        inputs.append(helper.make_tensor_value_info("label_weights", TensorProto.FLOAT, ["batch", num_labels]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", V])]
     outputs += [helper.make_tensor_value_info(f"{s}_out", TensorProto.FLOAT, state_shape) for s in states]
     graph = helper.make_graph(nodes, f"charrnn_{kind}_{L}x{H}_step", inputs, outputs, initializers)
+    props = metadata(run)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="charrnn", producer_version=metadata(run)["charrnn_version"],
-                              doc_string=f"charrnn {kind} {L}x{H}, vocabulary {V}: one step. {USAGE}")
-    helper.set_model_props(model, metadata(run))
+                              producer_name="charrnn", producer_version=props["charrnn_version"],
+                              doc_string=f"charrnn {kind} {L}x{H}, vocabulary {V}: one step. {props['usage']}")
+    helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
     return model
 
