@@ -270,9 +270,9 @@ def _run(kind: str, **args) -> dict:
     if kind == "charrnn-train" or (kind == "torch-train" and args.get("tune", True)):
         # As `charrnn train` re-runs itself: its large blocks in huge pages, where that helps.
         # PyTorch's peer gets the same (glibc reads the tunable only when a process starts).
-        from charrnn import hugepages
+        from charrnn import runtime
 
-        env = hugepages.rerun_env(env) or env
+        env = runtime.huge_pages_env(env) or env
     if kind.startswith("charrnn") and CPU_DEVICES[0] > 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={CPU_DEVICES[0]}").strip()

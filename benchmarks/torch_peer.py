@@ -19,8 +19,8 @@ native kernels, because each call sets up a oneDNN primitive. The default
 (CLI ``--no-mkldnn``) measures the native kernels.
 
 Training gets the process tuning ``charrnn train`` gives itself (``tune_process``: glibc malloc
-options, and glibc's huge-page tunable where ``charrnn.hugepages`` says it helps), so charrnn's
-ratios are against PyTorch at its strongest; CLI ``--untuned`` measures a plain script.
+options, and glibc's huge-page tunable where ``charrnn.runtime.huge_pages_env`` says it helps),
+so charrnn's ratios are against PyTorch at its strongest; CLI ``--untuned`` measures a plain script.
 
 Peak RSS (``ru_maxrss``) is per process, so for a clean figure run each
 measurement in its own process through the CLI, which prints one JSON line::
@@ -116,15 +116,15 @@ def tune_process() -> dict:
     """Tune this process as ``charrnn train`` tunes its own, for a script's ``main``.
 
     First re-executes the process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where
-    ``charrnn.hugepages.rerun_env`` says that helps (glibc reads it only at start-up; skipped
+    ``charrnn.runtime.huge_pages_env`` says that helps (glibc reads it only at start-up; skipped
     where charrnn is not importable), then sets ``keep_freed_memory``'s malloc options.
     Returns what took effect: ``{"malloc_tuned": bool, "hugetlb": bool}``.
     """
     try:
-        from charrnn import hugepages
+        from charrnn import runtime
     except ImportError:
-        hugepages = None
-    env = hugepages.rerun_env() if hugepages is not None else None
+        runtime = None
+    env = runtime.huge_pages_env() if runtime is not None else None
     if env is not None:
         argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
         sys.stdout.flush()

@@ -1,19 +1,32 @@
 """Beam search: the K most probable continuations of a primed row, on device.
 
 Takes the sampler's ``step_fn(carry, token_B) -> (carry, logits_BxV)`` (``sample.model_step_fn``
-for a model), so tests can drive it with fake logits.
+for a model), so tests can drive it with fake logits. ``beam_search`` is ``Run.beam_search``'s
+body: prime, search, rank, decode.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charrnn.sample import StepFn, loop_step
+from charrnn.errors import CharrnnError
+from charrnn.sample import StepFn, loop_step, row_keys
 from charrnn.vocab import END, START
+
+
+@dataclass(frozen=True)
+class BeamResult:
+    """One beam-search continuation: text (prime included), total log-probability in nats, and
+    whether it reached the end token."""
+
+    text: str
+    logprob: float
+    ended: bool
 
 
 class Beam(NamedTuple):
@@ -75,3 +88,32 @@ def rank_beams(beam: Beam, length_penalty: float = 0.0) -> list[int]:
     score = logprob / np.maximum(n, 1) ** length_penalty
     order = [int(i) for i in np.argsort(-score, kind="stable") if np.isfinite(logprob[i])]
     return order
+
+
+def check_search(beam: int, length: int) -> None:
+    """``CharrnnError`` for a beam width or length below one (checked before anything is built)."""
+    if beam < 1:
+        raise CharrnnError(f"--beam must be at least 1, not {beam}")
+    if length < 1:
+        raise CharrnnError(f"--length must be at least 1, not {length}")
+
+
+def beam_search(prime_fn, step_fn: StepFn, carry_1, prompt_1xP: np.ndarray, *, beam: int, length: int,
+                length_penalty: float, decode: Callable[[np.ndarray], str], prime: str = "") -> list[BeamResult]:
+    """The ``beam`` most probable continuations of one prompt, best first (``rank_beams``).
+
+    Args:
+        prime_fn: the sampler's ``prime`` (``sample.make_sampler``) for ``step_fn``.
+        step_fn: ``sample.model_step_fn``'s step, its carry ``(params, state)``.
+        carry_1: ``(params, state)`` of one row before the prompt.
+        prompt_1xP: the start token and the prime's ids (``sample.prompt_tokens``).
+        decode: token ids to text (``Vocab.decode``); ``prime`` is put before each text.
+    """
+    primed = prime_fn(carry_1, prompt_1xP, row_keys(0, 1))
+    search = make_beam_search(step_fn, beam, length)
+    result = jax.device_get(search((carry_1[0], primed.carry[1]), primed.logits_BxV))
+    out = []
+    for i in rank_beams(result, length_penalty):
+        row = result.tokens_KxL[i][:int(result.length_K[i])]
+        out.append(BeamResult(prime + decode(row), float(result.logprob_K[i]), bool(result.ended_K[i])))
+    return out

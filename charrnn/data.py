@@ -211,6 +211,22 @@ def corpus_documents(corpus: Corpus, docs: str) -> list[str]:
     return out
 
 
+def training_documents(corpus: Corpus, docs: str, val_frac: float) -> set[str]:
+    """The documents wholly inside the training part of the corpus's token stream (the part
+    before its last ``val_frac``, as ``batches.split_train_val`` cuts it): what a sample is
+    novel against. A document the split cuts through is left out."""
+    documents = corpus_documents(corpus, docs)
+    stream_len = sum(len(d) + 2 for d in documents)  # START text END
+    train_len = stream_len - int(stream_len * val_frac)
+    out, pos = set(), 0
+    for d in documents:
+        pos += len(d) + 2
+        if pos > train_len:
+            break
+        out.add(d)
+    return out
+
+
 @dataclass(frozen=True)
 class EncodedCorpus:
     """A corpus as one token stream (in memory or memory-mapped) with its vocabulary."""

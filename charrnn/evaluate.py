@@ -1,9 +1,10 @@
-"""Validation loss over a whole token stream, compiled once per window shape."""
+"""Validation loss over a whole token stream, compiled once per window shape; a loaded run's
+loss on a text (``Run.evaluate``, ``Run.evaluate_labelled``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,14 @@ import optax
 from flax import nnx
 
 from charrnn import batches
+from charrnn import data as data_mod
+from charrnn import labels as labels_mod
+from charrnn.config import check_argument
+from charrnn.errors import CharrnnError
+from charrnn.vocab import Vocab, describe_chars
+
+if TYPE_CHECKING:
+    from charrnn.inference import Run
 
 EVAL_CHUNK = 8  # validation windows per device dispatch
 # Characters each validation row reads, unscored, before its own part. Without them each of
@@ -111,3 +120,60 @@ def evaluate_stream(model_graphdef, params, initial_carry_fn, stream: np.ndarray
     out["by_label"] = [_losses(float(t), float(c)) for t, c in np.broadcast_to(np.stack([total, count], -1),
                                                                                 (num_labels, 2))]
     return out
+
+
+# --- a loaded run on a text -------------------------------------------------------------------
+
+def evaluate_text(run: Run, text: str, eval_fn=None) -> dict:
+    """Loss of ``run``'s model on ``text``, split into documents as the run was trained
+    (``Run.evaluate``; ``eval_fn``: the run's ``make_eval_fn``, built here when None).
+
+    Returns:
+        ``{"nats": ..., "bits": ..., "chars": scored characters, "perplexity": ...}``.
+    """
+    check_argument("Run.evaluate", "text", text, (str,))
+    if run.labels is not None:
+        raise CharrnnError("this run was trained on labelled text: evaluate labelled text "
+                           "(Run.evaluate_labelled; charrnn eval reads it in the run's --labels format)")
+    docs = data_mod.split_documents(text, run.config.data.docs)
+    if not docs:
+        raise CharrnnError("the text to evaluate is empty")
+    _check_known(run.vocab, "".join(docs))
+    stream = data_mod.encode_documents(docs, run.vocab)
+    cfg = run.config.train
+    out = evaluate_stream(run.graphdef, run.params, run.model.initial_carry, stream,
+                          num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=eval_fn)
+    return _with_perplexity(out)
+
+
+def evaluate_labelled(run: Run, path, eval_fn=None) -> dict:
+    """Loss of a labelled run's model on the labelled text at ``path`` (``Run.evaluate_labelled``):
+    as ``evaluate_text``, plus ``"labels"``: ``{label: {"nats", "bits", "chars", "perplexity"}}``
+    for every label of the run that the text has."""
+    if run.labels is None:
+        raise CharrnnError("this run was trained without labels: evaluate plain text")
+    data = run.config.data
+    docs = labels_mod.read_labelled(str(path), data.labels, data.docs, data.encoding)
+    ids = docs.ids_in(run.labels, str(path))
+    _check_known(run.vocab, "".join(docs.texts))
+    stream = data_mod.encode_corpus(docs.corpus(), "file", run.vocab).stream
+    cfg = run.config.train
+    out = evaluate_stream(run.graphdef, run.params, run.model.initial_carry, stream,
+                          num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=eval_fn,
+                          labels=docs.stream(ids), num_labels=run.labels.size)
+    by_label = [_with_perplexity(d) for d in out.pop("by_label")]
+    out = _with_perplexity(out)
+    out["labels"] = {name: d for name, d in zip(run.labels.names, by_label) if d["chars"]}
+    return out
+
+
+def _check_known(vocab: Vocab, text: str) -> None:
+    missing = vocab.unknown(text)
+    if missing:
+        raise CharrnnError(f"the text has {len(missing)} character(s) not in the vocabulary: "
+                           f"{describe_chars(missing)}")
+
+
+def _with_perplexity(losses: dict) -> dict:
+    losses["perplexity"] = math.exp(losses["nats"]) if losses["chars"] else float("nan")
+    return losses

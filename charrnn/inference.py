@@ -1,9 +1,8 @@
-"""A trained run loaded for use: sampling and evaluation (``charrnn.load``)."""
+"""A trained run loaded for use (``charrnn.load``): ``Run``, a facade over the modules that do the work."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,15 @@ from jax.sharding import PartitionSpec as P
 from charrnn import beam as beam_mod
 from charrnn import checkpoint as ckpt
 from charrnn import data as data_mod
+from charrnn import evaluate as evaluate_mod
 from charrnn import labels as labels_mod
 from charrnn import parallel
 from charrnn import runs
 from charrnn import sample as sampler
+from charrnn.beam import BeamResult
 from charrnn.config import RunConfig, SampleConfig, check_argument
 from charrnn.errors import CharrnnError
-from charrnn.evaluate import compute_dtype, evaluate_stream, make_eval_fn
+from charrnn.evaluate import compute_dtype, make_eval_fn
 from charrnn.model import abstract_model, count_params, split_model
 from charrnn.vocab import Vocab, describe_chars
 
@@ -44,18 +45,14 @@ class Sample:
     label: Optional[str] = None
 
 
-@dataclass(frozen=True)
-class BeamResult:
-    """One beam-search continuation: text (prime included), total log-probability in nats, and
-    whether it reached the end token."""
-
-    text: str
-    logprob: float
-    ended: bool
-
-
 class Run:
-    """A run directory's model at one checkpoint.
+    """A run directory's model at one checkpoint: a facade over the parts that do the work.
+
+    Sampling (``sample``, ``stream``) runs ``charrnn.sample``'s compiled sampler, each row's text
+    kept by ``sample.RowText``; ``beam_search`` is ``beam.beam_search``; ``evaluate`` and
+    ``evaluate_labelled`` are ``charrnn.evaluate``'s; ``training_documents`` is
+    ``data.training_documents``. What stays here is what they share: the parameters, the
+    compiled programs kept between calls, and the run's checks of its inputs.
 
     Attributes:
         config: the run's ``RunConfig``.
@@ -80,6 +77,7 @@ class Run:
                                                                     labels.size if labels else 0)
         self.graphdef, _ = nnx.split(self.model)
         self._dtype = compute_dtype("float32")
+        self._step_fn = sampler.model_step_fn(self.graphdef, self._dtype, labelled=labels is not None)
         self._samplers = {}  # (device count, penalties) -> (prime, generate, replicated params)
         self._eval_fn = None
         self.last_labels: list = []  # each sample's label in the last ``sample``/``stream`` call
@@ -91,6 +89,8 @@ class Run:
     @property
     def num_params(self) -> int:
         return count_params(self.params)
+
+    # --- the sampler's pieces (``charrnn.serve`` uses them too) ------------------------------
 
     def sampling_devices(self, num_samples: int) -> int:
         """How many of this process's CPU devices ``stream`` splits ``num_samples`` rows over.
@@ -108,8 +108,7 @@ class Run:
         (``penalties``: the program that counts characters; without, exactly the plain one)."""
         if (devices, penalties) not in self._samplers:
             mesh = parallel.local_mesh(devices) if devices > 1 else None
-            step_fn = sampler.model_step_fn(self.graphdef, self._dtype, labelled=self.labels is not None)
-            prime, generate = sampler.make_sampler(step_fn, mesh=mesh, penalties=penalties)
+            prime, generate = sampler.make_sampler(self._step_fn, mesh=mesh, penalties=penalties)
             params = self.params if mesh is None else jax.device_put(self.params, NamedSharding(mesh, P()))
             self._samplers[devices, penalties] = (prime, generate, params)
         return self._samplers[devices, penalties]
@@ -128,6 +127,8 @@ class Run:
         term = nnx.merge(self.graphdef, self.params).label_term(np.asarray(label_weights_NxL, np.float32))
         return np.asarray(term), self._zero_carry(rows)
 
+    # --- checks of the inputs ------------------------------------------------------------------
+
     def sample_labels(self, label: Optional[str], rows: int, seed: Optional[int]):
         """``(label_weights_NxL, names)`` of ``rows`` samples (``labels.row_labels``): ``label``
         for every row, or on a labelled run without one a label per row drawn in the training
@@ -141,6 +142,8 @@ class Run:
             raise CharrnnError(f"--prime has {len(missing)} character(s) not in the vocabulary: "
                                f"{describe_chars(missing)}")
         return self.vocab.encode(prime)
+
+    # --- sampling ------------------------------------------------------------------------------
 
     def stream(self, config: SampleConfig = SampleConfig()) -> Iterator[tuple[list[str], np.ndarray]]:
         """Generate ``config.num_samples`` samples at once, chunk by chunk.
@@ -169,28 +172,13 @@ class Run:
         prompt = sampler.prompt_tokens(prime_ids, n)
         counts = sampler.prompt_counts(prompt, self.vocab.size) if config.penalties and config.penalize_prime else None
         carry = (params, self._start_state(n, label_weights))
-        finish: list[Optional[str]] = [None] * n
-        stops = [sampler.StopMatcher(config.stop) for _ in range(n)]
-        yield [config.prime] * n, list(finish)
-        made = 0
-        for toks in sampler.generate_stream(prime, generate, carry, prompt, sampler.row_keys(seed, n),
-                                            controls, config.length, counts):
-            made += toks.shape[1]
-            pieces = []
-            for i, row in enumerate(toks):
-                if finish[i] is not None:
-                    pieces.append("")
-                    continue
-                row, ended = sampler.cut_at_end(row)
-                text, stopped = stops[i].feed(self.vocab.decode(row))
-                if stopped:
-                    finish[i] = "stop"
-                elif ended or made >= config.length:
-                    finish[i] = "end" if ended else "length"
-                    text += stops[i].flush()
-                pieces.append(text)
-            yield pieces, list(finish)
-            if all(f is not None for f in finish):
+        rows = [sampler.RowText(self.vocab.decode, config.length, config.stop) for _ in range(n)]
+        yield [config.prime] * n, [None] * n
+        for toks_NxC in sampler.generate_stream(prime, generate, carry, prompt, sampler.row_keys(seed, n),
+                                                controls, config.length, counts):
+            pieces, finish = zip(*(row.feed(toks_C) for row, toks_C in zip(rows, toks_NxC)))
+            yield list(pieces), list(finish)
+            if all(row.finished for row in rows):
                 break  # every row ended, stopped or reached the length: no more chunks
 
     def sample(self, config: Optional[SampleConfig] = None, **overrides) -> list[Sample]:
@@ -204,102 +192,54 @@ class Run:
                 for t, f, label in zip(texts, finish, self.last_labels)]
 
     def beam_search(self, prime: str = "", beam: int = 5, length: int = 100,
-                    length_penalty: float = 0.0, label: Optional[str] = None) -> list["BeamResult"]:
-        """The ``beam`` most probable continuations of ``prime``, best first.
+                    length_penalty: float = 0.0, label: Optional[str] = None) -> list[BeamResult]:
+        """The ``beam`` most probable continuations of ``prime``, best first (``beam.beam_search``).
 
         Ranked by total log-probability divided by ``generated_length ** length_penalty``
         (0: no normalisation). Each stops at the end token or after ``length`` characters.
         ``label``: a labelled run's label or mix (default: its most frequent training label).
         """
-        if beam < 1:
-            raise CharrnnError(f"--beam must be at least 1, not {beam}")
-        if length < 1:
-            raise CharrnnError(f"--length must be at least 1, not {length}")
+        beam_mod.check_search(beam, length)
         prime_ids = self.check_prime(prime)
         if self.labels is not None and label is None:
             label = self.labels.names[int(np.argmax(self.labels.counts))]
         weights, _ = self.sample_labels(label, 1, 0)
-        primed = self._sampler_fns()[0]((self.params, self._start_state(1, weights)),
-                                        sampler.prompt_tokens(prime_ids, 1), sampler.row_keys(0, 1))
-        search = beam_mod.make_beam_search(sampler.model_step_fn(self.graphdef, self._dtype,
-                                                                 labelled=self.labels is not None), beam, length)
-        result = jax.device_get(search((self.params, primed.carry[1]), primed.logits_BxV))
-        out = []
-        for i in beam_mod.rank_beams(result, length_penalty):
-            row = result.tokens_KxL[i][:int(result.length_K[i])]
-            out.append(BeamResult(prime + self.vocab.decode(row), float(result.logprob_K[i]),
-                                  bool(result.ended_K[i])))
-        return out
+        return beam_mod.beam_search(self._sampler_fns()[0], self._step_fn, (self.params, self._start_state(1, weights)),
+                                    sampler.prompt_tokens(prime_ids, 1), beam=beam, length=length,
+                                    length_penalty=length_penalty, decode=self.vocab.decode, prime=prime)
+
+    # --- novelty and evaluation ------------------------------------------------------------------
 
     def training_documents(self) -> set[str]:
         """The documents of the run's training split, read again from its corpus (for novelty)."""
+        data = self.config.data
         try:
-            corpus = data_mod.load_corpus(self.config.corpus, self.config.data.encoding)
+            corpus = data_mod.load_corpus(self.config.corpus, data.encoding)
         except CharrnnError as e:
             raise CharrnnError(f"cannot read the run's corpus to check novelty: {e}") from None
-        docs = data_mod.corpus_documents(corpus, self.config.data.docs)
-        stream_len = sum(len(d) + 2 for d in docs)
-        train_len = stream_len - int(stream_len * self.config.data.val_frac)
-        out, pos = set(), 0
-        for d in docs:
-            pos += len(d) + 2
-            if pos > train_len:
-                break
-            out.add(d)
-        return out
+        return data_mod.training_documents(corpus, data.docs, data.val_frac)
 
     def evaluate(self, text: str) -> dict:
-        """Loss of the model on ``text``, split into documents as the run was trained.
+        """Loss of the model on ``text``, split into documents as the run was trained
+        (``evaluate.evaluate_text``).
 
         Returns:
-            ``{"nats": ..., "bits": ..., "perplexity": ..., "chars": scored characters}``.
+            ``{"nats": ..., "bits": ..., "chars": scored characters, "perplexity": ...}``.
         """
-        check_argument("Run.evaluate", "text", text, (str,))
-        if self.labels is not None:
-            raise CharrnnError("this run was trained on labelled text: evaluate labelled text "
-                               "(Run.evaluate_labelled; charrnn eval reads it in the run's --labels format)")
-        docs = data_mod.split_documents(text, self.config.data.docs)
-        if not docs:
-            raise CharrnnError("the text to evaluate is empty")
-        missing = self.vocab.unknown("".join(docs))
-        if missing:
-            raise CharrnnError(f"the text has {len(missing)} character(s) not in the vocabulary: "
-                               f"{describe_chars(missing)}")
-        stream = data_mod.encode_documents(docs, self.vocab)
-        if self._eval_fn is None:
-            self._eval_fn = make_eval_fn(self.graphdef)
-        cfg = self.config.train
-        out = evaluate_stream(self.graphdef, self.params, self.model.initial_carry, stream,
-                              num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=self._eval_fn)
-        out["perplexity"] = math.exp(out["nats"]) if out["chars"] else float("nan")
-        return out
+        return evaluate_mod.evaluate_text(self, text, self._evaluator())
 
     def evaluate_labelled(self, path) -> dict:
         """Loss of a labelled run's model on the labelled text at ``path`` (a file or directory
         in the run's ``--labels`` format, split into documents as the run was trained): as
-        ``evaluate``, plus ``"labels"``: ``{label: {"nats", "bits", "perplexity", "chars"}}``
-        for every label of the run that the text has."""
-        if self.labels is None:
-            raise CharrnnError("this run was trained without labels: evaluate plain text")
-        data = self.config.data
-        docs = labels_mod.read_labelled(str(path), data.labels, data.docs, data.encoding)
-        ids = docs.ids_in(self.labels, str(path))
-        missing = self.vocab.unknown("".join(docs.texts))
-        if missing:
-            raise CharrnnError(f"the text has {len(missing)} character(s) not in the vocabulary: "
-                               f"{describe_chars(missing)}")
-        stream = data_mod.encode_corpus(docs.corpus(), "file", self.vocab).stream
+        ``evaluate``, plus ``"labels"``: ``{label: {"nats", "bits", "chars", "perplexity"}}``
+        for every label of the run that the text has (``evaluate.evaluate_labelled``)."""
+        return evaluate_mod.evaluate_labelled(self, path, self._evaluator())
+
+    def _evaluator(self):
+        """The run's loss program (``evaluate.make_eval_fn``), built once: later calls reuse its compilations."""
         if self._eval_fn is None:
-            self._eval_fn = make_eval_fn(self.graphdef, num_labels=self.labels.size)
-        cfg = self.config.train
-        out = evaluate_stream(self.graphdef, self.params, self.model.initial_carry, stream,
-                              num_streams=cfg.batch_size, seq_len=cfg.seq_len, eval_fn=self._eval_fn,
-                              labels=docs.stream(ids), num_labels=self.labels.size)
-        for d in (out, *out["by_label"]):
-            d["perplexity"] = math.exp(d["nats"]) if d["chars"] else float("nan")
-        by_label = out.pop("by_label")
-        out["labels"] = {name: d for name, d in zip(self.labels.names, by_label) if d["chars"]}
-        return out
+            self._eval_fn = make_eval_fn(self.graphdef, num_labels=self.labels.size if self.labels else 0)
+        return self._eval_fn
 
 
 def load(run, checkpoint: str = "best") -> Run:

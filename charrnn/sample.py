@@ -525,6 +525,44 @@ class StopMatcher:
         return out
 
 
+class RowText:
+    """One sample's text as its tokens arrive, chunk by chunk: cut at the end token, ended
+    before a stop string (``StopMatcher``), limited to ``length`` generated tokens.
+
+    ``feed(tokens_C) -> (text, finish)``: the row's new text that is now certain, and why it
+    has finished, or None while it runs: ``end_reason`` at the end token (``"end"``; OpenAI's
+    ``"stop"`` for the server), ``"stop"`` before a stop string (not included), ``"length"``
+    once ``length`` tokens are read. Tokens past the length are never read; once finished,
+    ``feed`` returns ``("", finish)``. The texts returned concatenate to the row's final text:
+    what was held back as a possible stop string comes out when the row ends otherwise.
+    """
+
+    def __init__(self, decode: Callable[[np.ndarray], str], length: int, stops: Sequence[str] = (),
+                 end_reason: str = "end"):
+        self._decode = decode
+        self._stops = StopMatcher(stops)
+        self._end_reason = end_reason
+        self.remaining = length  # tokens the row may still read
+        self.finish: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    def feed(self, tokens_C: np.ndarray) -> tuple[str, Optional[str]]:
+        if self.finish is not None:
+            return "", self.finish
+        row, ended = cut_at_end(np.asarray(tokens_C)[:self.remaining])
+        self.remaining -= row.shape[0]
+        text, stopped = self._stops.feed(self._decode(row))
+        if stopped:
+            self.finish = "stop"
+        elif ended or self.remaining <= 0:
+            self.finish = self._end_reason if ended else "length"
+            text += self._stops.flush()
+        return text, self.finish
+
+
 def model_step_fn(graphdef, dtype=jnp.float32, labelled: bool = False) -> StepFn:
     """A ``step_fn`` for a Flax model whose parameters ride in the carry as ``(params, state)``.
 

@@ -75,6 +75,14 @@ def test_load_corpus_file_and_directory(tmp_path):
         data.load_corpus(str(tmp_path / "missing.txt"))
 
 
+def test_training_documents_are_those_wholly_before_the_validation_split():
+    corp = data.Corpus("t", (("t", "aa\nbbb\ncccc\naa\n"),))  # streams of 4, 5, 6, 4 tokens: 19
+    assert data.training_documents(corp, "line", 0.0) == {"aa", "bbb", "cccc"}
+    assert data.training_documents(corp, "line", 0.4) == {"aa", "bbb"}  # the last 7 tokens validate
+    assert data.training_documents(corp, "line", 0.6) == {"aa"}  # "bbb" straddles the split: left out
+    assert data.training_documents(corp, "file", 0.1) == set()
+
+
 # --- document splitting --------------------------------------------------------------------
 
 CRLF_TEXT = "alpha\r\nbeta\r\n\r\n  \r\ngamma delta\r\nepsilon\r\n"

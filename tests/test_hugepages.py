@@ -1,4 +1,4 @@
-"""``charrnn.hugepages``: when ``charrnn train`` re-runs itself with glibc's hugetlb tunable."""
+"""``charrnn.runtime``'s huge pages: when ``charrnn train`` re-runs itself with glibc's hugetlb tunable."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from charrnn import hugepages
+from charrnn import runtime
 from charrnn.cli import _command
 
 GLIBC = ("glibc", "2.36")
 
 
 def test_the_tunable_is_added_where_thp_is_madvise_and_glibc_reads_it():
-    env = hugepages.rerun_env({"PATH": "/bin"}, mode="madvise", libc=GLIBC)
+    env = runtime.huge_pages_env({"PATH": "/bin"}, mode="madvise", libc=GLIBC)
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     # other tunables are kept
-    env = hugepages.rerun_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, mode="madvise", libc=GLIBC)
+    env = runtime.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, mode="madvise", libc=GLIBC)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
@@ -33,11 +33,11 @@ def test_the_tunable_is_added_where_thp_is_madvise_and_glibc_reads_it():
     ({}, "madvise", ("", "")),  # musl, or unknown
 ])
 def test_nothing_changes_where_the_tunable_would_not_help(environ, mode, libc):
-    assert hugepages.rerun_env(environ, mode=mode, libc=libc) is None
+    assert runtime.huge_pages_env(environ, mode=mode, libc=libc) is None
 
 
 def test_the_running_c_library_names_itself():
-    name, version = hugepages.running_libc()
+    name, version = runtime.running_libc()
     if name:  # glibc answers confstr; others say nothing, and nothing is re-run there
         assert name == "glibc" and version.split(".")[0].isdigit()
 
@@ -45,10 +45,10 @@ def test_the_running_c_library_names_itself():
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
-    assert hugepages.thp_mode(str(f)) == "madvise"
+    assert runtime.thp_mode(str(f)) == "madvise"
     f.write_text("[always] madvise never\n")
-    assert hugepages.thp_mode(str(f)) == "always"
-    assert hugepages.thp_mode(str(tmp_path / "missing")) is None
+    assert runtime.thp_mode(str(f)) == "always"
+    assert runtime.thp_mode(str(tmp_path / "missing")) is None
 
 
 def test_only_train_re_runs():
@@ -62,8 +62,8 @@ def test_only_train_re_runs():
 def test_charrnn_train_runs_with_the_tunable_set(tmp_path):
     # A real `charrnn train` process: where the host allows it, the training code sees the
     # tunable in its own environment (the re-run happened: this test did not set it).
-    if hugepages.rerun_env({}) is None:
-        pytest.skip(f"THP mode {hugepages.thp_mode()!r}, C library {hugepages.running_libc()}: nothing to re-run for")
+    if runtime.huge_pages_env({}) is None:
+        pytest.skip(f"THP mode {runtime.thp_mode()!r}, C library {runtime.running_libc()}: nothing to re-run for")
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("hello world, this is a tiny corpus for a test\n" * 40)
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

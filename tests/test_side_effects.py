@@ -116,8 +116,8 @@ def test_train_load_sample_evaluate_leave_the_process_as_they_found_it(tmp_path)
 _SCRIPT_CALLING_MAIN = r"""
 import os, sys
 print("TOP-OF-SCRIPT", flush=True)
-from charrnn import hugepages
-hugepages.rerun_env = lambda *a, **k: dict(os.environ, CHARRNN_RERUN_MARK="1")  # "re-running would help"
+from charrnn import runtime
+runtime.huge_pages_env = lambda *a, **k: dict(os.environ, CHARRNN_RERUN_MARK="1")  # "re-running would help"
 import charrnn.cli
 sys.argv = ["myscript", "train", "--help"]
 try:

@@ -24,7 +24,7 @@ from charrnn import sample as sampler
 from charrnn.cli import cli
 from charrnn.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
 from charrnn.errors import CharrnnError
-from charrnn.vocab import END, START
+from charrnn.vocab import END, START, Vocab
 
 V = 8  # ids 0 (start), 1 (end), 2..7 characters
 CHUNK = 32
@@ -325,6 +325,43 @@ def test_stop_matcher_holds_back_only_a_possible_start():
     assert m.feed("ab") == ("", False)
     assert m.feed("c") == ("", True)
     assert m.feed("more") == ("", True)
+
+
+# --- a row's text, chunk by chunk --------------------------------------------------------------
+
+ROW_VOCAB = Vocab.from_texts(["abcdefgh xyz"])
+
+
+def row_feed(chunks, length, stops=(), end_reason="end"):
+    """Each chunk's ``RowText.feed`` answer, chunks given as text with "$" for the end token."""
+    row = sampler.RowText(ROW_VOCAB.decode, length, stops, end_reason)
+    ids = [np.array([END if c == "$" else int(ROW_VOCAB.encode(c)[0]) for c in chunk], np.int32) for chunk in chunks]
+    return [row.feed(c) for c in ids], row
+
+
+def test_row_text_ends_at_the_end_token_and_flushes_what_a_stop_held_back():
+    got, row = row_feed(["abx", "y$zz", "ccc"], length=100, stops=["xyz"])
+    assert got == [("ab", None), ("xy", "end"), ("", "end")]  # "x", "xy" held back, then flushed at the end
+    assert row.finished and row.finish == "end"
+    # the server reports the end token as OpenAI's "stop"
+    assert row_feed(["ab$"], length=100, end_reason="stop")[0] == [("ab", "stop")]
+
+
+def test_row_text_stops_before_a_stop_string_spanning_two_chunks():
+    got, _ = row_feed(["abcx", "yzdef", "gh"], length=100, stops=["xyz"])
+    assert got == [("abc", None), ("", "stop"), ("", "stop")]
+    got, _ = row_feed(["ab x", "y", "d"], length=100, stops=["xyz"])
+    assert got == [("ab ", None), ("", None), ("xyd", None)]  # "xy" was only a possible start
+
+
+def test_row_text_counts_its_length_and_ignores_tokens_past_it():
+    got, row = row_feed(["abc", "defgh", "xyz"], length=5)
+    assert got == [("abc", None), ("de", "length"), ("", "length")]
+    assert row.remaining == 0
+    got, _ = row_feed(["abcx", "yd"], length=6, stops=["xyz"])
+    assert got == [("abc", None), ("xyd", "length")]  # the held-back "x" is flushed at the length
+    got, _ = row_feed(["abcd$"], length=4)
+    assert got == [("abcd", "length")]  # an end token past the length is never read
 
 
 # --- through a trained run -----------------------------------------------------------------------

@@ -76,9 +76,8 @@ class Completion:
 class _Row:
     completion: Completion
     index: int
-    remaining: int
-    matcher: "sampler.StopMatcher"
-    finished: bool = False
+    text: "sampler.RowText"  # its characters so far: end token, stop strings, max_tokens
+    finished: bool = False  # ended, or cancelled by its client
 
 
 @dataclass
@@ -279,7 +278,9 @@ class Engine:
         parts = [] if self._state is None else [_host(self._state)]
         for c in joining:
             job = c.job
-            self._slots += [_Row(c, i, job.max_tokens, sampler.StopMatcher(list(job.stop))) for i in range(job.n)]
+            # OpenAI's finish_reason is "stop" at the end token as at a stop string.
+            self._slots += [_Row(c, i, sampler.RowText(self.run.vocab.decode, job.max_tokens, job.stop, "stop"))
+                            for i in range(job.n)]
             parts.append(self._prime_rows([job.prompt_ids] * job.n, np.asarray(sampler.row_keys(job.seed, job.n)),
                                           job.label_weights_NxL))
         self._state = _concat(parts)
@@ -375,16 +376,7 @@ class Engine:
             if c.cancelled:
                 r.finished = True
                 continue
-            row = toks_BxC[slot][:r.remaining]
-            row, hit_end = sampler.cut_at_end(row)
-            r.remaining -= row.shape[0]
-            text, stopped = r.matcher.feed(self.run.vocab.decode(row))
-            finish = None
-            if stopped:
-                finish = "stop"
-            elif hit_end or r.remaining <= 0:
-                text += r.matcher.flush()
-                finish = "stop" if hit_end else "length"
+            text, finish = r.text.feed(toks_BxC[slot])
             if finish is not None:
                 r.finished = True
             if text or finish is not None:
