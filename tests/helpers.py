@@ -36,3 +36,16 @@ def assert_steps_match(got_carry, got_logits, want_carry, want_logits):
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=3e-5, rtol=0)
     for g, w in zip(jax.tree_util.tree_leaves(got_carry), jax.tree_util.tree_leaves(want_carry)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+
+
+def two_styles(path, docs: int = 40, seed: int = 0):
+    """Write a ``--labels tsv`` corpus of two obvious kinds of document — ``upper``: upper-case
+    letters only, ``digits``: digits only, alternating — and return its path."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for k in range(docs):
+        kind = "upper" if k % 2 else "digits"
+        alphabet = "ABCDEFGHIJ" if kind == "upper" else "0123456789"
+        lines.append(kind + "\t" + "".join(rng.choice(list(alphabet), rng.integers(20, 40))))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -105,13 +105,19 @@ def _generate(page, prime: str, length: int, greedy: bool = True, seed: str = ""
     return page.text_content("#output")
 
 
+def open_page(page, path) -> tuple[list, list]:
+    """Open the exported page; returns the URLs it requests and the script errors it raises."""
+    requests = record_requests(page)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(file_url(path))
+    return requests, errors
+
+
 def test_page_in_chromium_matches_charrnn(trained):
     run, path = trained
     with chromium_page() as page:
-        requests = record_requests(page)
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(file_url(path))
+        requests, errors = open_page(page, path)
 
         # Greedy text equals charrnn's, whether it stops at the end token or at the length.
         for prime, length in [("the d", 60), ("a b", 6), ("", 60)]:
@@ -215,10 +221,7 @@ def _cli_greedy(run, prime: str, length: int, label: str) -> str:
 def test_labelled_page_in_chromium_matches_charrnn(labelled):
     run, path = labelled
     with chromium_page() as page:
-        requests = record_requests(page)
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(file_url(path))
+        requests, errors = open_page(page, path)
 
         # The picker: every label, the most frequent chosen.
         assert page.is_visible("#label")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_matches_reference, assert_steps_match
+from helpers import assert_matches_reference, assert_steps_match, two_styles
 
 from charrnn import backends, cells, data, labels
 from charrnn.backends import lstm_window, step_kernel, xla
@@ -378,28 +378,16 @@ def test_label_mixes_are_parsed_and_unknown_labels_named():
 
 # --- a labelled run end to end ----------------------------------------------------------------
 
-def _two_styles(path, docs=40, seed=0):
-    """Documents of two obvious kinds: upper-case letters only, or digits only."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for k in range(docs):
-        kind = "upper" if k % 2 else "digits"
-        alphabet = "ABCDEFGHIJ" if kind == "upper" else "0123456789"
-        lines.append(kind + "\t" + "".join(rng.choice(list(alphabet), rng.integers(20, 40))))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 _TRAINED = {}
 
 
 def _train_styles(root, cell):
-    """A tiny model trained on ``_two_styles`` (each cell once per session: ~5-10 s)."""
+    """A tiny model trained on ``helpers.two_styles`` (each cell once per session: ~5-10 s)."""
     import charrnn
     from charrnn.config import TrainConfig
 
     if cell not in _TRAINED:
-        corpus = _two_styles(root / f"styles-{cell}.tsv")
+        corpus = two_styles(root / f"styles-{cell}.tsv")
         config = RunConfig(model=ModelConfig(cell=cell, layers=1, hidden=48, label_dim=4),
                            data=DataConfig(labels="tsv", val_frac=0.2),
                            train=TrainConfig(max_steps=150, batch_size=8, seq_len=32, lr=1e-2, eval_every=75))
@@ -477,7 +465,7 @@ def test_the_cli_samples_and_evaluates_per_label(labelled_run):
     assert [r["label"] for r in rows] == ["digits", "digits"]
     out = runner.invoke(cli, ["sample", str(result.run_dir), "--label", "poetry"])
     assert out.exit_code != 0 and "unknown label 'poetry' (known: digits, upper)" in out.output
-    test = _two_styles(root / "test.tsv", docs=6, seed=9)
+    test = two_styles(root / "test.tsv", docs=6, seed=9)
     out = runner.invoke(cli, ["eval", str(result.run_dir), str(test), "--json"])
     assert out.exit_code == 0, out.output
     got = json.loads(out.stdout)

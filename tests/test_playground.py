@@ -10,6 +10,7 @@ pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not
 
 import charrnn  # noqa: E402
 from browser import chromium_page, record_requests  # noqa: E402
+from helpers import two_styles  # noqa: E402
 from charrnn.config import ModelConfig, RunConfig, SampleConfig, TrainConfig  # noqa: E402
 from charrnn.serve import ServeLimits, create_app  # noqa: E402
 from charrnn.serve.server import Background  # noqa: E402
@@ -33,14 +34,21 @@ def served(tmp_path_factory):
         yield server, run
 
 
+def open_playground(page, server, models: int = 1) -> list:
+    """Load the playground, give it the API key and wait for its model list; returns the list
+    of URLs the page requests (to check that nothing comes from elsewhere)."""
+    requests = record_requests(page)
+    page.goto(server.url + "/")
+    page.fill("#api_key", KEY)
+    page.dispatch_event("#api_key", "change")
+    page.wait_for_function(f"document.querySelector('#model').options.length >= {models}")
+    return requests
+
+
 def test_type_a_prime_press_generate_and_the_text_streams_in(served):
     server, run = served
     with chromium_page() as page:
-        requests = record_requests(page)
-        page.goto(server.url + "/")
-        page.fill("#api_key", KEY)
-        page.dispatch_event("#api_key", "change")
-        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        requests = open_playground(page, server)
         assert page.eval_on_selector("#model", "s => s.value") == "tiny"
         page.fill("#prompt", "the ")
         page.fill("#temperature", "0.9")
@@ -59,10 +67,7 @@ def test_type_a_prime_press_generate_and_the_text_streams_in(served):
 def test_the_stop_button_ends_a_stream(served):
     server, _ = served
     with chromium_page() as page:
-        page.goto(server.url + "/")
-        page.fill("#api_key", KEY)
-        page.dispatch_event("#api_key", "change")
-        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        open_playground(page, server)
         page.fill("#prompt", "the ")
         page.fill("#max_tokens", "200000")
         # Press stop the moment the first characters arrive (a click from here could come late).
@@ -80,26 +85,12 @@ def test_the_stop_button_ends_a_stream(served):
 def test_a_refused_request_shows_the_servers_message(served):
     server, _ = served
     with chromium_page() as page:
-        page.goto(server.url + "/")
-        page.fill("#api_key", KEY)
-        page.dispatch_event("#api_key", "change")
-        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        open_playground(page, server)
         page.fill("#prompt", "the ")
         page.fill("#top_p", "0")
         page.click("#generate")
         page.wait_for_function("document.querySelector('#status').className === 'error'")
         assert "top_p" in page.text_content("#status")
-
-
-def _two_styles(path):
-    """Documents of two obvious kinds: upper-case letters or digits (as tests/test_labels.py)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    lines = [("upper\t" + "".join(rng.choice(list("ABCDEFGHIJ"), 30))) if k % 2 else
-             ("digits\t" + "".join(rng.choice(list("0123456789"), 30))) for k in range(30)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +102,7 @@ def served_labelled(served, tmp_path_factory):
     config = RunConfig(model=ModelConfig(cell="gru", layers=1, hidden=16, label_dim=2),
                        data=DataConfig(labels="tsv", val_frac=0.2),
                        train=TrainConfig(max_steps=10, batch_size=4, seq_len=16, lr=1e-2))
-    styles = charrnn.load(charrnn.train(str(_two_styles(root / "styles.tsv")), config,
+    styles = charrnn.load(charrnn.train(str(two_styles(root / "styles.tsv")), config,
                                         out=str(root / "styles")).run_dir, "latest")
     with Background(create_app({"tiny": tiny, "styles": styles}, ServeLimits(), api_key=KEY)) as server:
         yield server, styles
@@ -120,11 +111,7 @@ def served_labelled(served, tmp_path_factory):
 def test_a_labelled_model_gets_a_label_picker_and_its_label_is_sent(served_labelled):
     server, styles = served_labelled
     with chromium_page() as page:
-        requests = record_requests(page)
-        page.goto(server.url + "/")
-        page.fill("#api_key", KEY)
-        page.dispatch_event("#api_key", "change")
-        page.wait_for_function("document.querySelector('#model').options.length > 1")
+        requests = open_playground(page, server, models=2)
         assert page.is_hidden("#label-box")  # "tiny" has no labels
         page.select_option("#model", "styles")
         assert page.is_visible("#label-box")

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from helpers import assert_refused
+from helpers import assert_refused, two_styles
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
@@ -358,20 +358,6 @@ def test_cli_serves_and_exits_0_on_a_signal(tiny_run, sig):
 
 # --- labelled runs (trained with --labels): the `label` field ---------------------------------
 
-def _two_styles(path, docs=40, seed=0):
-    """Documents of two obvious kinds (as tests/test_labels.py): upper-case letters or digits."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    lines = []
-    for k in range(docs):
-        kind = "upper" if k % 2 else "digits"
-        alphabet = "ABCDEFGHIJ" if kind == "upper" else "0123456789"
-        lines.append(kind + "\t" + "".join(rng.choice(list(alphabet), rng.integers(20, 40))))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def styles_run(tmp_path_factory):
     from charrnn.config import DataConfig
@@ -380,7 +366,7 @@ def styles_run(tmp_path_factory):
     config = RunConfig(model=ModelConfig(cell="gru", layers=1, hidden=32, label_dim=4),
                        data=DataConfig(labels="tsv", val_frac=0.2),
                        train=TrainConfig(max_steps=60, batch_size=8, seq_len=32, lr=1e-2))
-    result = charrnn.train(str(_two_styles(root / "styles.tsv")), config, out=str(root / "styles"))
+    result = charrnn.train(str(two_styles(root / "styles.tsv")), config, out=str(root / "styles"))
     return charrnn.load(result.run_dir, "latest")
 
 
