@@ -49,3 +49,15 @@ def two_styles(path, docs: int = 40, seed: int = 0):
         lines.append(kind + "\t" + "".join(rng.choice(list(alphabet), rng.integers(20, 40))))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def train_tiny(root, corpus, config, name: str = "tiny"):
+    """Train ``config`` on ``corpus`` (a text, written to ``root/NAME.txt``, or a path) into
+    ``root/NAME``; returns the run loaded at its latest checkpoint."""
+    import charrnn
+
+    if isinstance(corpus, str):
+        path = root / f"{name}.txt"
+        path.write_text(corpus, encoding="utf-8")
+        corpus = path
+    return charrnn.load(charrnn.train(str(corpus), config, out=str(root / name)).run_dir, "latest")

@@ -39,6 +39,12 @@ def _model(cell, seed=0, dropout=0.0):
     return graphdef, jax.tree_util.tree_map(lambda a: a, params)
 
 
+def _case(cell):
+    """A model of ``cell``, a random carry and a window of character tokens to run it on."""
+    graphdef, params = _model(cell)
+    return graphdef, params, random_carry(graphdef, params), char_tokens()
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("dtype",))
 def forward(graphdef, params, carry, tokens, key=None, *, dtype=jnp.float32):
     return nnx.merge(graphdef, params)(carry, tokens, dropout_key=key, dtype=dtype)
@@ -192,9 +198,7 @@ def test_initial_loss_is_log_vocab(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_matches_numpy_reference(cell):
-    graphdef, params = _model(cell)
-    carry = random_carry(graphdef, params)
-    tokens = char_tokens()
+    graphdef, params, carry, tokens = _case(cell)
     tokens[1, 4] = START  # one row restarts mid-window
     tokens[2, 2] = END
     new_carry, logits = forward(graphdef, params, carry, tokens)
@@ -207,9 +211,7 @@ def test_matches_numpy_reference(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_reference_is_sensitive_to_gate_order(cell):
     """Guard for the test above: rotating the gate blocks changes the output, and the model follows."""
-    graphdef, params = _model(cell)
-    carry = random_carry(graphdef, params)
-    tokens = char_tokens()
+    graphdef, params, carry, tokens = _case(cell)
     _, before = reference_forward(cell, params, carry, tokens)
     layer = dict(params["cells"][0])
     gates = layer["w_ih"].shape[1] // H
@@ -228,9 +230,7 @@ def test_reference_is_sensitive_to_gate_order(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_scan_equals_step_by_step(cell):
-    graphdef, params = _model(cell)
-    carry = random_carry(graphdef, params)
-    tokens = char_tokens()
+    graphdef, params, carry, tokens = _case(cell)
     full_carry, full_logits = forward(graphdef, params, carry, tokens)
     c = carry
     step_logits = []
@@ -244,9 +244,7 @@ def test_scan_equals_step_by_step(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_state_resets_at_start_token(cell):
-    graphdef, params = _model(cell)
-    carry = random_carry(graphdef, params)
-    tokens = char_tokens()
+    graphdef, params, carry, tokens = _case(cell)
     tokens[:, 4] = START  # 4 characters of an earlier document, then a new one of 5
     c_mid, logits_mid = forward(graphdef, params, carry, tokens)
     # The new document read from a fresh state, one token at a time.
@@ -327,9 +325,7 @@ def _probe_loss(forward_fn, params, carry, tokens, weights):
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradients_match_autodiff_of_the_equations(cell):
     """The scan's hand-written backward pass against autodiff of the plain recurrence."""
-    graphdef, params = _model(cell)
-    carry = random_carry(graphdef, params)
-    tokens = char_tokens()
+    graphdef, params, carry, tokens = _case(cell)
     tokens[1, 4] = START  # the reset must also stop gradients flowing back past it
     tokens[0, 0] = START
     rng = np.random.default_rng(5)
@@ -397,9 +393,7 @@ def test_dropout_of_a_devices_rows_is_those_rows_of_the_whole_batch():
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_close_to_float32(cell):
-    graphdef, params = _model(cell)
-    carry = random_carry(graphdef, params)
-    tokens = char_tokens()
+    graphdef, params, carry, tokens = _case(cell)
     _, f32 = forward(graphdef, params, carry, tokens)
     c16, b16 = forward(graphdef, params, carry, tokens, dtype=jnp.bfloat16)
     assert b16.dtype == jnp.float32  # bf16 operands, float32 results and state

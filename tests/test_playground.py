@@ -8,9 +8,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
 
-import charrnn  # noqa: E402
 from browser import chromium_page, record_requests  # noqa: E402
-from helpers import two_styles  # noqa: E402
+from helpers import train_tiny, two_styles  # noqa: E402
 from charrnn.config import ModelConfig, RunConfig, SampleConfig, TrainConfig  # noqa: E402
 from charrnn.serve import ServeLimits, create_app  # noqa: E402
 from charrnn.serve.server import Background  # noqa: E402
@@ -22,12 +21,9 @@ KEY = "playground-key"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("playground")
-    corpus = root / "tiny.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
     config = RunConfig(model=ModelConfig(cell="lstm", layers=1, hidden=32),
                        train=TrainConfig(max_steps=30, batch_size=8, seq_len=32, lr=1e-2))
-    run = charrnn.load(charrnn.train(str(corpus), config, out=str(root / "tiny")).run_dir, "latest")
+    run = train_tiny(tmp_path_factory.mktemp("playground"), TEXT, config)
     # Never end a text early (the stop button must find a stream still running).
     run.params["b_out"] = run.params["b_out"].at[END].set(-1e9)
     with Background(create_app({"tiny": run}, ServeLimits(max_tokens=200_000), api_key=KEY)) as server:
@@ -102,8 +98,7 @@ def served_labelled(served, tmp_path_factory):
     config = RunConfig(model=ModelConfig(cell="gru", layers=1, hidden=16, label_dim=2),
                        data=DataConfig(labels="tsv", val_frac=0.2),
                        train=TrainConfig(max_steps=10, batch_size=4, seq_len=16, lr=1e-2))
-    styles = charrnn.load(charrnn.train(str(two_styles(root / "styles.tsv")), config,
-                                        out=str(root / "styles")).run_dir, "latest")
+    styles = train_tiny(root, two_styles(root / "styles.tsv"), config, "styles")
     with Background(create_app({"tiny": tiny, "styles": styles}, ServeLimits(), api_key=KEY)) as server:
         yield server, styles
 

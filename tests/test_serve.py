@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from helpers import assert_refused, two_styles
+from helpers import assert_refused, train_tiny, two_styles
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
@@ -40,13 +40,9 @@ LIMITS = ServeLimits(max_tokens=300, max_n=4, max_prompt=50, max_concurrent=32, 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    corpus = root / "tiny.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
     config = RunConfig(model=ModelConfig(cell="gru", layers=1, hidden=32),
                        train=TrainConfig(max_steps=40, batch_size=8, seq_len=32, lr=1e-2))
-    result = charrnn.train(str(corpus), config, out=str(root / "tiny"))
-    return charrnn.load(result.run_dir, "latest")
+    return train_tiny(tmp_path_factory.mktemp("serve"), TEXT, config)
 
 
 @pytest.fixture(scope="module")
@@ -366,8 +362,7 @@ def styles_run(tmp_path_factory):
     config = RunConfig(model=ModelConfig(cell="gru", layers=1, hidden=32, label_dim=4),
                        data=DataConfig(labels="tsv", val_frac=0.2),
                        train=TrainConfig(max_steps=60, batch_size=8, seq_len=32, lr=1e-2))
-    result = charrnn.train(str(two_styles(root / "styles.tsv")), config, out=str(root / "styles"))
-    return charrnn.load(result.run_dir, "latest")
+    return train_tiny(root, two_styles(root / "styles.tsv"), config, "styles")
 
 
 @pytest.fixture(scope="module")
