@@ -386,6 +386,8 @@ def test_a_labelled_model_lists_its_labels(styles_client, styles_run):
                                         for n, c in zip(styles_run.labels.names, styles_run.labels.counts)]
     assert [d["name"] for d in meta["styles"]["labels"]] == ["digits", "upper"]
     assert "labels" not in meta["tiny"]
+    # One model's description is its entry of the list.
+    assert styles_client.models.retrieve("styles").model_extra["meta"] == meta["styles"]
 
 
 @pytest.mark.parametrize("label", ["upper", "digits", "upper=0.7,digits=0.3"])

@@ -130,19 +130,21 @@ def create_app(runs: dict, limits: ServeLimits = ServeLimits(), api_key: Optiona
         page = resources.files("charrnn.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
+    def describe(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "charrnn",
+                "meta": _model_meta(runs[name])}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "charrnn",
-             "meta": _model_meta(run)} for name, run in runs.items()]}
+        return {"object": "list", "data": [describe(name) for name in runs]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, request: Request):
         authorize(request)
         if model_id not in runs:
             raise ApiError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "charrnn"}
+        return describe(model_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
