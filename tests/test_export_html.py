@@ -114,6 +114,7 @@ def open_page(page, path) -> tuple[list, list]:
     return requests, errors
 
 
+@pytest.mark.slow  # a real browser (a Chromium subprocess)
 def test_page_in_chromium_matches_charrnn(trained):
     run, path = trained
     with chromium_page() as page:
@@ -218,6 +219,7 @@ def _cli_greedy(run, prime: str, length: int, label: str) -> str:
     return json.loads(result.stdout.splitlines()[-1])["text"]
 
 
+@pytest.mark.slow  # a real browser (a Chromium subprocess)
 def test_labelled_page_in_chromium_matches_charrnn(labelled):
     run, path = labelled
     with chromium_page() as page:
@@ -258,6 +260,7 @@ def test_labelled_page_in_chromium_matches_charrnn(labelled):
         assert requests == [file_url(path)], "the page made a request of its own"
 
 
+@pytest.mark.slow  # a real browser (a Chromium subprocess)
 def test_unlabelled_page_shows_no_label_picker(trained):
     _, path = trained
     with chromium_page() as page:

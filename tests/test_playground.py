@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a real browser (a Chromium subprocess) against a real server
+
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
 

@@ -491,6 +491,7 @@ print("same")
 """
 
 
+@pytest.mark.slow  # a subprocess with two CPU devices
 def test_the_device_split_draws_what_one_device_draws():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
