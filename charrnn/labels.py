@@ -96,12 +96,13 @@ class LabelVocab:
         except ValueError:
             raise CharrnnError(f"unknown label {name!r} (known: {_known(self.names)})") from None
 
-    def weights(self, spec: str) -> np.ndarray:
+    def weights(self, spec: str, field: str = "--label") -> np.ndarray:
         """The label mix ``spec`` asks for, as weights over the labels that sum to 1 (float32).
 
         ``spec``: a label's name (one-hot), or ``name=weight`` pairs separated by commas
         (``"a=0.7,b=0.3"``; weights >= 0, normalised). A name that is itself a label wins, so
-        labels holding ``=`` or ``,`` can still be asked for alone.
+        labels holding ``=`` or ``,`` can still be asked for alone. ``field``: what errors call
+        the spec (the CLI's ``--label``, the server's ``label``).
         """
         if spec in self.names:
             w = np.zeros(self.size, np.float32)
@@ -116,17 +117,17 @@ class LabelVocab:
             name = name.strip()
             i = self.id(name)
             if name in seen:
-                raise CharrnnError(f"--label names {name!r} twice")
+                raise CharrnnError(f"{field} names {name!r} twice")
             seen.add(name)
             try:
                 weight = float(value)
             except ValueError:
                 weight = math.nan
             if not (math.isfinite(weight) and weight >= 0):
-                raise CharrnnError(f"--label weight of {name!r} must be a number >= 0, not {value.strip()!r}")
+                raise CharrnnError(f"{field} weight of {name!r} must be a number >= 0, not {value.strip()!r}")
             w[i] = weight
         if w.sum() <= 0:
-            raise CharrnnError(f"--label {spec!r}: the weights must not all be 0")
+            raise CharrnnError(f"{field} {spec!r}: the weights must not all be 0")
         return (w / w.sum()).astype(np.float32)
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -382,20 +383,21 @@ def read_vocab(run_dir: Path, config) -> Optional[LabelVocab]:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def row_labels(vocab: Optional[LabelVocab], spec: Optional[str], rows: int, seed: Optional[int]
-               ) -> tuple[Optional[np.ndarray], list[Optional[str]]]:
+def row_labels(vocab: Optional[LabelVocab], spec: Optional[str], rows: int, seed: Optional[int],
+               field: str = "--label") -> tuple[Optional[np.ndarray], list[Optional[str]]]:
     """What each of ``rows`` samples is conditioned on: ``(label_weights_NxL, names)``.
 
     ``spec`` (``--label``): a label or a mix for every row; None on a labelled run draws one
     label per row in the training proportions (from ``seed``: the same seed, the same labels),
     named in ``names``. An unlabelled run takes no ``--label`` and gives ``(None, [None, ...])``.
+    ``field``: what errors call ``spec`` (the server's is ``label``).
     """
     if vocab is None:
         if spec is not None:
-            raise CharrnnError("--label: this run was trained without labels")
+            raise CharrnnError(f"{field}: this run was trained without labels")
         return None, [None] * rows
     if spec is not None:
-        return np.tile(vocab.weights(spec), (rows, 1)), [spec] * rows
+        return np.tile(vocab.weights(spec, field), (rows, 1)), [spec] * rows
     rng = np.random.default_rng(None if seed is None else [seed & 0xFFFFFFFF, seed >> 32, 0x1abe1])
     ids = vocab.draw(rng, rows)
     return np.eye(vocab.size, dtype=np.float32)[ids], [vocab.names[i] for i in ids]

@@ -426,6 +426,14 @@ def test_a_bad_label_is_a_bad_request_naming_the_field(styles_client, label, nee
     assert "--label" not in e.value.body["message"]
 
 
+def test_a_bad_label_is_quoted_as_sent(styles_client):
+    """The field is named by the check itself, not by rewriting the CLI's messages afterwards."""
+    with pytest.raises(openai.BadRequestError) as e:
+        styles_client.completions.create(model="styles", prompt="", max_tokens=5,
+                                         extra_body={"label": "--label=1"})
+    assert "unknown label '--label'" in e.value.body["message"], e.value.body
+
+
 def test_a_label_for_an_unlabelled_model_is_a_bad_request(styles_client):
     with pytest.raises(openai.BadRequestError) as e:
         styles_client.completions.create(model="tiny", prompt="the ", max_tokens=5, extra_body={"label": "upper"})

@@ -106,10 +106,9 @@ def row_labels(label_vocab: Optional[labels_mod.LabelVocab], label: Optional[str
     """``labels.row_labels`` for a request: what ``Run.sample`` gives rows seeded ``seed``, or
     ``ApiError`` naming ``label`` (an unknown label, a malformed mix, a label for an unlabelled model)."""
     try:
-        return labels_mod.row_labels(label_vocab, label, n, seed)
+        return labels_mod.row_labels(label_vocab, label, n, seed, field="label")
     except CharrnnError as e:
-        # The messages name the CLI flag; here the field is ``label``.
-        raise ApiError(400, str(e).replace("--label", "label"), "label", "invalid_label") from None
+        raise ApiError(400, str(e), "label", "invalid_label") from None
 
 
 def check_request(req: CompletionRequest, vocab, limits: ServeLimits,
