@@ -107,6 +107,14 @@ def listing(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir()) if path.exists() else []
 
 
+def assert_refused_leaving_nothing(served, cache, match: str) -> None:
+    """Downloading ``tiny`` from ``served`` is refused with a message matching ``match``, and
+    the cache is left as empty as it was (no partial or temporary file)."""
+    with pytest.raises(CharrnnError, match=match):
+        corpora.get("tiny", cache_dir=cache, mirror=served.url)
+    assert listing(cache) == []
+
+
 # --------------------------------------------------------------------------- download path
 
 
@@ -150,9 +158,7 @@ def test_interrupted_download_leaves_no_partial_file(served, cache, monkeypatch)
     served.truncate.add("tiny.txt")
     register(monkeypatch, data)
 
-    with pytest.raises(CharrnnError, match="cut short"):
-        corpora.get("tiny", cache_dir=cache, mirror=served.url)
-    assert listing(cache) == []
+    assert_refused_leaving_nothing(served, cache, "cut short")
     with pytest.raises(CharrnnError, match="charrnn corpora get tiny"):
         corpora.load("tiny", cache_dir=cache)
 
@@ -194,9 +200,7 @@ def test_a_source_sending_more_than_the_pinned_size_is_refused(served, cache, mo
     register(monkeypatch, data)
     body = data + b"more and more" * 1000
     served.custom["tiny.txt"] = lambda h: _send(h, body, len(body) if announced else None)
-    with pytest.raises(CharrnnError, match="pinned 4,000"):
-        corpora.get("tiny", cache_dir=cache, mirror=served.url)
-    assert listing(cache) == []
+    assert_refused_leaving_nothing(served, cache, "pinned 4,000")
 
 
 def test_a_source_that_stops_sending_times_out(served, cache, monkeypatch):
@@ -204,9 +208,7 @@ def test_a_source_that_stops_sending_times_out(served, cache, monkeypatch):
     register(monkeypatch, data)
     monkeypatch.setattr(corpora, "TIMEOUT_S", 0.5)
     served.custom["tiny.txt"] = lambda h: _send(h, data, len(data), pause=3.0, piece=100)
-    with pytest.raises(CharrnnError, match="timed out after 100 bytes"):  # the first silence ends it
-        corpora.get("tiny", cache_dir=cache, mirror=served.url)
-    assert listing(cache) == []
+    assert_refused_leaving_nothing(served, cache, "timed out after 100 bytes")  # the first silence ends it
 
 
 def test_a_trickling_source_hits_the_overall_deadline(served, cache, monkeypatch):
@@ -217,9 +219,7 @@ def test_a_trickling_source_hits_the_overall_deadline(served, cache, monkeypatch
     monkeypatch.setattr(corpora, "DEADLINE_S", 0.5)
     monkeypatch.setattr(corpora, "MIN_RATE", 10**9)
     served.custom["tiny.txt"] = lambda h: _send(h, data, len(data), pause=0.1, piece=10)
-    with pytest.raises(CharrnnError, match="too slow"):
-        corpora.get("tiny", cache_dir=cache, mirror=served.url)
-    assert listing(cache) == []
+    assert_refused_leaving_nothing(served, cache, "too slow")
 
 
 def test_zip_member_is_unpacked(served, cache, monkeypatch):
@@ -245,14 +245,10 @@ def test_zip_member_checksum_and_missing_member(served, cache, monkeypatch):
     (served.root / "tiny8.zip").write_bytes(buf.getvalue())
 
     register(monkeypatch, buf.getvalue(), filename="tiny8.zip", member="tiny8", text=b"expected text")
-    with pytest.raises(CharrnnError, match=sha(b"expected text")):
-        corpora.get("tiny", cache_dir=cache, mirror=served.url)
-    assert listing(cache) == []
+    assert_refused_leaving_nothing(served, cache, sha(b"expected text"))
 
     register(monkeypatch, buf.getvalue(), filename="tiny8.zip", member="absent", text=b"x")
-    with pytest.raises(CharrnnError, match="absent"):
-        corpora.get("tiny", cache_dir=cache, mirror=served.url)
-    assert listing(cache) == []
+    assert_refused_leaving_nothing(served, cache, "absent")
 
 
 @pytest.mark.parametrize("form", ["path", "file-url"])
