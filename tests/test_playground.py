@@ -43,18 +43,22 @@ def open_playground(page, server, models: int = 1) -> list:
     return requests
 
 
+def generate(page, **fields: str) -> str:
+    """Fill the playground's fields (``prompt="the "``, ``seed="42"``...), press generate, wait
+    until it is done and return the generated text."""
+    for name, value in fields.items():
+        page.fill(f"#{name}", value)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
+    return page.text_content("#output")
+
+
 def test_type_a_prime_press_generate_and_the_text_streams_in(served):
     server, run = served
     with chromium_page() as page:
         requests = open_playground(page, server)
         assert page.eval_on_selector("#model", "s => s.value") == "tiny"
-        page.fill("#prompt", "the ")
-        page.fill("#temperature", "0.9")
-        page.fill("#max_tokens", "120")
-        page.fill("#seed", "42")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
-        text = page.text_content("#output")
+        text = generate(page, prompt="the ", temperature="0.9", max_tokens="120", seed="42")
         assert page.text_content("#output-prime") == "the "
         want = run.sample(SampleConfig(prime="the ", length=120, temperature=0.9, seed=42))[0].text
         assert text == want[len("the "):]
@@ -116,12 +120,7 @@ def test_a_labelled_model_gets_a_label_picker_and_its_label_is_sent(served_label
         assert [v for v, _ in options] == ["", "digits", "upper"]
         assert options[0][1] == "any (drawn)"
         page.select_option("#label", "upper")
-        page.fill("#prompt", "")
-        page.fill("#max_tokens", "40")
-        page.fill("#seed", "3")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
-        want = styles.sample(SampleConfig(prime="", length=40, seed=3, temperature=0.8, label="upper"))[0].text
-        assert page.text_content("#output") == want
+        text = generate(page, prompt="", max_tokens="40", seed="3")
+        assert text == styles.sample(SampleConfig(prime="", length=40, seed=3, temperature=0.8, label="upper"))[0].text
         assert page.text_content("#status").endswith("label: upper")
         assert all(u.startswith(server.url) for u in requests), requests
