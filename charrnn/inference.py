@@ -127,6 +127,14 @@ class Run:
         term = nnx.merge(self.graphdef, self.params).label_term(np.asarray(label_weights_NxL, np.float32))
         return np.asarray(term), self._zero_carry(rows)
 
+    def label_table(self) -> Optional[np.ndarray]:
+        """``(num_labels, G)`` float32: each label's whole term in the first layer's gates
+        (``CharRNN.label_table``, what ``--label`` adds; the exports carry it); None for an
+        unlabelled run."""
+        if self.labels is None:
+            return None
+        return np.asarray(nnx.merge(self.graphdef, self.params).label_table(), np.float32)
+
     # --- checks of the inputs ------------------------------------------------------------------
 
     def sample_labels(self, label: Optional[str], rows: int, seed: Optional[int]):
@@ -202,7 +210,7 @@ class Run:
         beam_mod.check_search(beam, length)
         prime_ids = self.check_prime(prime)
         if self.labels is not None and label is None:
-            label = self.labels.names[int(np.argmax(self.labels.counts))]
+            label = self.labels.names[self.labels.most_frequent]
         weights, _ = self.sample_labels(label, 1, 0)
         return beam_mod.beam_search(self._sampler_fns()[0], self._step_fn, (self.params, self._start_state(1, weights)),
                                     sampler.prompt_tokens(prime_ids, 1), beam=beam, length=length,

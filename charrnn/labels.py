@@ -89,6 +89,12 @@ class LabelVocab:
         total = counts.sum()
         return counts / total if total > 0 else np.full(self.size, 1.0 / self.size)
 
+    @property
+    def most_frequent(self) -> int:
+        """The id of the label with the most training documents (the first of equals): what
+        beam search, samples during training and the exported page use when no label is given."""
+        return int(np.argmax(self.counts))
+
     def id(self, name: str) -> int:
         """The id of label ``name``; ``CharrnnError`` naming the known labels if there is none."""
         try:

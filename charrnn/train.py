@@ -442,7 +442,7 @@ class Trainer:
         params = self.dp.local_copy(self.state.params)
         state, extra = self.model.initial_carry(1), {}
         if self.label_vocab is not None:  # the same label at every sample: the most frequent one
-            label = int(np.argmax(self.label_vocab.counts))
+            label = self.label_vocab.most_frequent
             weights = np.eye(self.label_vocab.size, dtype=np.float32)[[label]]
             state = (nnx.merge(self.graphdef, params).label_term(weights), state)
             extra = {"label": self.label_vocab.names[label]}

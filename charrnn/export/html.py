@@ -68,20 +68,12 @@ def model_json(run) -> dict:
             "chars": list(run.vocab.chars), "tensors": tensors}
     if run.labels is not None:
         spec["labels"] = _labels_json(run.labels)
-        tensors["label_table"] = encode_tensor(_label_table(run))
+        tensors["label_table"] = encode_tensor(run.label_table())
     return spec
 
 
 def _labels_json(labels) -> dict:
-    # The default is Run.beam_search's: the most frequent label, the first of equals.
-    return {"names": list(labels.names), "counts": list(labels.counts), "default": int(np.argmax(labels.counts))}
-
-
-def _label_table(run) -> np.ndarray:
-    """The model's own ``label_table`` (the very values ``charrnn sample --label`` adds)."""
-    from flax import nnx
-
-    return np.asarray(nnx.merge(run.graphdef, run.params).label_table(), np.float32)
+    return {"names": list(labels.names), "counts": list(labels.counts), "default": labels.most_frequent}
 
 
 def _script_safe(text: str) -> str:

@@ -91,13 +91,6 @@ def metadata(run) -> dict[str, str]:
     return props
 
 
-def _label_table(run) -> np.ndarray:
-    """``(num_labels, G)``: each label's whole term in the first layer's gates (charrnn's order)."""
-    from flax import nnx
-
-    return _host(nnx.merge(run.graphdef, run.params).label_table())
-
-
 def build_onnx(run):
     """``run``'s network as an ``onnx.ModelProto`` of one step (see the module docstring).
 
@@ -168,7 +161,7 @@ def build_onnx(run):
         # own b_hh (it is scaled by r inside the candidate: linear_before_reset=1, PyTorch's GRU).
         w_ih = _host(p["w_ih"])
         if i == 0 and labelled:
-            w_ih = np.concatenate([w_ih[:V], _label_table(run)])
+            w_ih = np.concatenate([w_ih[:V], run.label_table()])
         w = _reorder(w_ih, gates, kind).T[None]
         r = _reorder(_host(p["w_hh"]), gates, kind).T[None]
         b_hh = _host(p["b_hh"]) if "b_hh" in p else np.zeros(gates * H, np.float32)
