@@ -27,7 +27,6 @@ import jax
 import numpy as np
 
 from charrnn import sample as sampler
-from charrnn.config import GATES
 from charrnn.serve.protocol import Job
 from charrnn.vocab import START
 
@@ -298,17 +297,14 @@ class Engine:
         return _take(_host(primed._replace(carry=primed.carry.state)), np.arange(n))
 
     def _start_state(self, n: int, b: int, label_weights_NxL=None):
-        """The start state of ``n`` rows padded to ``b``: zeros, and on a labelled run each row's
-        label term beside them (the padding rows' terms 0)."""
-        if self.run.labels is None:
-            return self.run._zero_carry(b)
-        model = self.run.config.model
-        term_BxG = np.zeros((b, GATES[model.cell] * model.hidden), np.float32)
-        if label_weights_NxL is not None:
-            # The terms of exactly the request's n rows, as Run.sample computes them: a product
-            # over another batch size may round a label mix differently.
-            term_BxG[:n] = self.run._start_state(n, label_weights_NxL)[0]
-        return term_BxG, self.run._zero_carry(b)
+        """``Run._start_state`` of ``n`` rows (their label terms computed over exactly those rows,
+        as ``Run.sample`` does: a product over another batch size may round a mix differently),
+        padded with zero rows to ``b``. A labelled run's rows without weights (warm-up) get
+        label terms of 0."""
+        if self.run.labels is not None and label_weights_NxL is None:
+            label_weights_NxL = np.zeros((n, self.run.labels.size), np.float32)
+        state = self.run._start_state(n, label_weights_NxL)
+        return jax.tree_util.tree_map(lambda a: np.pad(a, [(0, b - n)] + [(0, 0)] * (a.ndim - 1)), state)
 
     def warm_up(self, rows: int = 64, prompt: int = 64) -> None:
         """Compile now what requests will need: ``generate`` for every batch size bucket up to
