@@ -561,7 +561,7 @@ def _split_cpu_for_sampling(run: Path, checkpoint: str, num_samples: int) -> Non
         return
     n = parallel.sampling_devices_for(config.model, vocab.size, num_samples)
     if n > 1:
-        parallel.use_cpu_devices(n)
+        runtime.use_cpu_devices(n)
 
 
 def _check_run_fits(run: Path, checkpoint: str, rows: int = 1) -> None:
@@ -796,7 +796,8 @@ def plot(runs: tuple[str, ...], output: str) -> None:
 @click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best", show_default=True)
 @click.option("--api-key", envvar="CHARRNN_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1 [env CHARRNN_API_KEY].")
-@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Cap on a request's max_tokens (characters).")
+@click.option("--max-tokens", type=int, default=4096, show_default=True,
+              help="Cap on a request's max_tokens (characters).")
 @click.option("--max-n", type=int, default=16, show_default=True, help="Cap on completions per request.")
 @click.option("--max-prompt", type=int, default=4096, show_default=True, help="Cap on prompt characters.")
 @click.option("--max-concurrent", type=int, default=64, show_default=True,

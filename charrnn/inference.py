@@ -96,7 +96,7 @@ class Run:
         """How many of this process's CPU devices ``stream`` splits ``num_samples`` rows over.
 
         More than one only where JAX has several CPU devices (``charrnn sample`` makes them with
-        ``parallel.use_cpu_devices`` when this rule, ``parallel.sampling_devices``, says so).
+        ``runtime.use_cpu_devices`` when this rule, ``parallel.sampling_devices``, says so).
         """
         devices = jax.local_devices()
         if len(devices) < 2 or devices[0].platform != "cpu":

@@ -143,21 +143,6 @@ def local_mesh(n: int) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(jax.local_devices()[:n]), (AXIS,))
 
 
-def use_cpu_devices(n: int) -> bool:
-    """Make JAX's CPU platform ``n`` devices before its backends start (``runtime.use_cpu_devices``:
-    process tuning lives there; only the CLI calls it)."""
-    from charrnn import runtime
-
-    return runtime.use_cpu_devices(n)
-
-
-def backends_started() -> bool:
-    """Whether JAX has initialised its backends (``runtime.backends_started``)."""
-    from charrnn import runtime
-
-    return runtime.backends_started()
-
-
 def data_mesh() -> jax.sharding.Mesh:
     """The 1-D ``data`` mesh over every device of every process (``DataParallel`` places on it,
     and the train step's ``shard_map`` runs on it)."""
