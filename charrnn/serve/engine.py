@@ -282,7 +282,7 @@ class Engine:
                             for i in range(job.n)]
             parts.append(self._prime_rows([job.prompt_ids] * job.n, np.asarray(sampler.row_keys(job.seed, job.n)),
                                           job.label_weights_NxL))
-        self._state = _concat(parts)
+        self._state = sampler.concat_rows(parts)
 
     def _prime_rows(self, prompts: list, keys_Nx2: np.ndarray, label_weights_NxL=None):
         """The primed per-row state (numpy, params left out) of ``len(prompts)`` rows
@@ -294,7 +294,7 @@ class Engine:
         carry = sampler.ModelCarry(self._params, self._start_state(n, b, label_weights_NxL))
         counts = np.zeros((b, self.vocab_size), np.int32)
         primed = self._prime(carry, prompt_BxP, keys, counts)
-        return _take(_host(primed._replace(carry=primed.carry.state)), np.arange(n))
+        return sampler.take_rows(_host(primed._replace(carry=primed.carry.state)), np.arange(n))
 
     def _start_state(self, n: int, b: int, label_weights_NxL=None):
         """``Run._start_state`` of ``n`` rows (their label terms computed over exactly those rows,
@@ -337,7 +337,7 @@ class Engine:
             b = self._padded
         self._padded = b
         idx = np.array(live + [live[0]] * (b - len(live)), np.int64)
-        state = _take(_host(self._state), idx)
+        state = sampler.take_rows(_host(self._state), idx)
         done = np.array(state.done_B, bool)
         done[len(live):] = True
         self._state = state._replace(done_B=done)
@@ -405,11 +405,3 @@ def _put_all(puts) -> None:
 def _host(state):
     """The state's per-row arrays as numpy (a no-op when they already are)."""
     return jax.tree_util.tree_map(np.asarray, state)
-
-
-def _take(state, idx):
-    return jax.tree_util.tree_map(lambda a: a[idx], state)
-
-
-def _concat(states):
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *states)
