@@ -100,6 +100,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="default: checkpoints/labels-TASK")
     args = p.parse_args()
     out = args.out or Path("checkpoints") / f"labels-{args.task}"
+    # Documents left by an earlier run (other speakers, say) would join this one's training.
+    stale = [out / d for d in ("labelled", "plain", "test", "test-wrong-label") if (out / d).exists()]
+    if stale:
+        raise SystemExit(f"labels.py: {out} already holds documents of an earlier run ({stale[0].name}/); "
+                         "pass a new --out or remove it")
 
     sys.path.insert(0, str(HERE.parent))
     import charrnn
