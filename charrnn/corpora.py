@@ -206,6 +206,14 @@ def get(name: str, *, cache_dir: Optional[str | os.PathLike] = None, mirror: Opt
         log.warning("cached %s at %s does not match its checksum; downloading it again", d.name, final)
 
     source = _source(d, mirror if mirror is not None else os.environ.get("CHARRNN_MIRROR"))
+    # Everything the transfer imports is imported before a temporary exists: the CLI ends an
+    # interrupt that lands inside an import at once, with no ``finally`` to remove the file.
+    import encodings.cp437  # noqa: F401  (zip member names)
+    import encodings.idna  # noqa: F401  (host names, on the first connection)
+    import http.client  # noqa: F401
+    import urllib.request  # noqa: F401
+    import zipfile  # noqa: F401
+
     temps: list[Path] = []
     try:
         download = _temp(root, d.name, temps)

@@ -416,6 +416,55 @@ def test_python_code_is_stdlib_py_files():
     assert all("site-packages" not in src for src, _ in files)
 
 
+NO_IMPORT_WITH_A_TEMPORARY = r"""
+import hashlib, sys, zipfile, io
+from pathlib import Path
+from charrnn import corpora
+
+cache, mirror, spec = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+data = b"some text\n" * 100
+buf = io.BytesIO()
+with zipfile.ZipFile(buf, "w") as zf:
+    zf.writestr("tiny8", data)
+(mirror / "tiny8.zip").write_bytes(buf.getvalue())
+sha = lambda b: hashlib.sha256(b).hexdigest()
+corpora.DOWNLOADS["tiny"] = corpora.Download(
+    "tiny", "a test corpus", url="http://127.0.0.1:9/nowhere", filename="tiny8.zip",
+    sha256=sha(buf.getvalue()), size=len(buf.getvalue()), text_sha256=sha(data), text_size=len(data),
+    member="tiny8")
+for m in [m for m in sys.modules if m.split(".")[0] in ("zipfile", "urllib", "http", "email", "ssl")]:
+    del sys.modules[m]  # whatever get needs, it imports afresh
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if any(cache.glob("*.part")):
+            print("imported with a temporary:", name)
+        return None
+
+sys.meta_path.insert(0, Watch())
+corpora.get("tiny", cache_dir=cache, mirror=spec)
+print("done")
+"""
+
+
+@pytest.mark.parametrize("over", ["http", "path"])
+def test_get_imports_nothing_while_a_temporary_exists(served, tmp_path, over):
+    """An interrupt that lands inside an import ends the command at once (an exception raised
+    there would surface as an ImportError), so no ``finally`` runs: ``get`` must have imported
+    what it needs before it creates a temporary file, or a Ctrl-C can leave one behind."""
+    import subprocess
+    import sys
+
+    (tmp_path / "cache").mkdir()
+    mirror = served.root if over == "http" else tmp_path
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", NO_IMPORT_WITH_A_TEMPORARY, str(tmp_path / "cache"), str(mirror),
+                        served.url if over == "http" else str(mirror)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["done"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_charrnn_corpora_get_leaves_no_partial_file(served, cache):
     import signal
